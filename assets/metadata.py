@@ -1,0 +1,26 @@
+"""Metadata helpers shared by the assets: what a user looks at in the UI."""
+
+from __future__ import annotations
+
+import pandas as pd
+from dagster import MetadataValue
+
+from synfer_pipeline.preview import markdown_image
+from synfer_pipeline.storage import ArtifactRef
+
+
+def ref_metadata(ref: ArtifactRef) -> dict:
+    return {"uri": MetadataValue.path(ref.uri), "data_version": ref.data_version, **{f"n_{k}": v for k, v in ref.counts.items()}}
+
+
+def counts_table(df: pd.DataFrame, rows: str, columns: str | None = None) -> MetadataValue:
+    """A markdown table of counts (e.g. class x split) for the metadata panel."""
+    if not len(df):
+        return MetadataValue.md("(no samples)")
+    table = (pd.crosstab(df[rows].fillna("(none)"), df[columns].fillna("(none)"), margins=True)
+             if columns else df[rows].fillna("(none)").value_counts().rename("count").to_frame())
+    return MetadataValue.md(table.to_markdown())
+
+
+def preview(png: bytes, alt: str = "preview") -> MetadataValue:
+    return MetadataValue.md(markdown_image(png, alt))

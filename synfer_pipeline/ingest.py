@@ -1,0 +1,259 @@
+"""Raw face ingest: source listing -> decoded, de-duplicated, face-cropped samples in WebDataset shards.
+
+Per image: read bytes -> decode to upright RGB -> pixel hash (duplicates are counted and kept once) -> find the face
+(known box, detector, or centre crop for aligned sources) -> crop, level and resize -> JPEG -> shard. Bad input becomes
+a reject row with its reason; the rest goes on. Shards close every `shard_size` samples together with a progress file,
+so a killed run resumes at the next unfinished shard. Worker processes decode and crop; the main process keeps the
+order, de-duplicates and writes, so the result is the same for any number of workers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import posixpath
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from synfer_pipeline import faces
+from synfer_pipeline.images import BadImage, decode_image, encode_jpeg, pixel_hash
+from synfer_pipeline.preview import preview_grid
+from synfer_pipeline.readers import Reject, SourceListing, SourceRecord
+from synfer_pipeline.shards import ShardWriter, iter_shard, read_index
+from synfer_pipeline.storage import ArtifactRef, ArtifactWriter, data_version_of, read_uri, stage_key
+from synfer_pipeline.vocab import EXPRESSION_INDEX
+
+SHARD_NAME = "faces"
+NOT_BAD_INPUT = {"excluded_label"}  # filtered by design (AffectNet none/uncertain/no-face), not bad input
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """How a source becomes face crops (per dataset; defaults come from the profile)."""
+
+    face_size: int = 128          # side of the square crop, pixels
+    margin: float = 0.3           # box widening around a detected face, fraction of its side
+    min_side: int = 32            # images with a shorter side are rejected as too small for a face
+    aligned: bool = False         # already face-aligned crops: centre square, no detection
+    detector: str = "opencv-haar"
+    detector_options: dict = field(default_factory=dict)
+    shard_size: int = 1000
+    jpeg_quality: int = 95
+    workers: int = 1
+    preview: int = 32             # crops in the preview grid
+
+
+@dataclass
+class IngestResult:
+    ref: ArtifactRef
+    manifest: pd.DataFrame
+    rejects: pd.DataFrame
+    duplicates: pd.DataFrame
+    ignored_files: int
+    preview_png: bytes
+
+
+def reject_rate(n_accepted: int, n_duplicates: int, rejects: pd.DataFrame) -> float:
+    """Share of candidate images rejected as bad input (design filters such as AffectNet's 'no-face' excluded)."""
+    bad = int((~rejects["reason"].isin(NOT_BAD_INPUT)).sum()) if len(rejects) else 0
+    total = n_accepted + n_duplicates + bad
+    return bad / total if total else 0.0
+
+
+# -- per image (runs in worker processes) ----------------------------------------------------------------------
+_detector: faces.FaceDetector | None = None
+
+
+def _init_worker(settings: IngestSettings) -> None:
+    global _detector
+    _detector = None if settings.aligned else faces.make_detector(settings.detector, **settings.detector_options)
+
+
+def process_record(record: SourceRecord, settings: IngestSettings) -> tuple[dict, bytes] | Reject:
+    """Decode, hash, locate and crop one image: (index row, JPEG bytes) or a Reject with the reason."""
+    try:
+        if record.pixels is not None:
+            img = Image.fromarray(record.pixels).convert("RGB")
+            img.info["scale"] = 1.0
+        else:
+            # Aligned crops and detection both work at a fraction of a large photo's pixels: decode only that.
+            draft = settings.face_size if settings.aligned else max(2 * settings.face_size, 320)
+            img = decode_image(read_uri(record.uri), settings.min_side, draft_side=None if record.box else draft)
+        box, n_faces = _locate_face(img, record, settings)
+        if box is not None and img.info["scale"] < 1 and max(box.w, box.h) * (1 + settings.margin) < settings.face_size:
+            img = decode_image(read_uri(record.uri), settings.min_side)  # small face: crop from full resolution
+            box, n_faces = _locate_face(img, record, settings)
+    except BadImage as e:
+        return Reject(record.uri, e.reason, e.detail, record.sample_id, "decode")
+    except OSError as e:
+        return Reject(record.uri, "unreadable", f"{type(e).__name__}: {e}", record.sample_id, "read")
+    if n_faces == 0:
+        return Reject(record.uri, "no_face", f"detector {settings.detector} found no face", record.sample_id, "detect")
+    crop = faces.crop_face(img, box, settings.face_size, settings.margin)
+    scale = img.info["scale"]
+    native = (max(box.w, box.h) * (1 + settings.margin) if box else min(img.size)) / scale
+    row = {
+        "sample_id": record.sample_id, "source": record.source, "split": record.split, "label": record.label,
+        "label_index": EXPRESSION_INDEX[record.label] if record.label else -1,
+        "width": int(round(img.size[0] / scale)), "height": int(round(img.size[1] / scale)),
+        "content_hash": pixel_hash(img), "uri": record.uri, "face_native_px": int(round(native)),
+        "face_box": json.dumps([round(v / scale, 1) for v in (box.x, box.y, box.w, box.h)] if box else None),
+        "roll_deg": round(box.roll, 1) if box else 0.0, "faces_found": n_faces,
+    }
+    return row, encode_jpeg(crop, settings.jpeg_quality)
+
+
+def _locate_face(img: Image.Image, record: SourceRecord, settings: IngestSettings) -> tuple[faces.Box | None, int]:
+    if record.box is not None:
+        return faces.Box(*record.box).scaled(img.info["scale"]), 1
+    if settings.aligned:
+        return None, 1
+    boxes = _detector.detect(np.asarray(img))
+    return (boxes[0] if boxes else None), len(boxes)
+
+
+def _process(record: SourceRecord) -> tuple[dict, bytes] | Reject:
+    return process_record(record, _SETTINGS)
+
+
+_SETTINGS: IngestSettings | None = None
+
+
+def _init_pool(settings: IngestSettings) -> None:
+    global _SETTINGS
+    _SETTINGS = settings
+    _init_worker(settings)
+
+
+def map_records(records: list[SourceRecord], settings: IngestSettings) -> Iterator[tuple[dict, bytes] | Reject]:
+    """`process_record` over records in order, in `settings.workers` processes (in this one if 1)."""
+    if settings.workers <= 1:
+        _init_pool(settings)
+        yield from map(_process, records)
+        return
+    ctx = multiprocessing.get_context("spawn")  # torch/dagster in the parent make fork unsafe
+    with ctx.Pool(settings.workers, initializer=_init_pool, initargs=(settings,)) as pool:
+        yield from pool.imap(_process, records, chunksize=8)
+
+
+# -- the whole source -------------------------------------------------------------------------------------------
+def ingest(listing: SourceListing, settings: IngestSettings, writer: ArtifactWriter, run_id: str = "") -> IngestResult:
+    """Ingest a listed source into `writer`'s staging folder, publish it, and return what was made."""
+    progress = _Progress.load(writer)
+    sink = ShardWriter(writer.storage, writer.staging, SHARD_NAME, settings.shard_size, start_index=progress.shards,
+                       on_shard_closed=progress.save_shard)
+    for position, result in enumerate(map_records(listing.records[progress.next_record:], settings), progress.next_record):
+        progress.next_record = position + 1
+        if isinstance(result, Reject):
+            progress.rejects.append(asdict(result))
+            continue
+        row, jpeg = result
+        first = progress.seen.setdefault(row["content_hash"], row["sample_id"])
+        if first != row["sample_id"]:
+            progress.duplicates.append({"sample_id": row["sample_id"], "duplicate_of": first, "uri": row["uri"]})
+            continue
+        members = {"jpg": jpeg, "json": row}
+        if row["label_index"] >= 0:
+            members["cls"] = row["label_index"]
+        sink.write(row["sample_id"], members, row)
+    sink.close()
+    progress.save_tail()
+    return _finish(writer, listing, settings, progress, run_id)
+
+
+def _finish(writer: ArtifactWriter, listing: SourceListing, settings: IngestSettings, progress: _Progress,
+            run_id: str) -> IngestResult:
+    manifest = read_index(writer.storage, writer.staging, SHARD_NAME)
+    rejects = pd.DataFrame([asdict(r) for r in listing.rejects] + progress.all_rejects(),
+                           columns=["uri", "reason", "detail", "sample_id", "stage"])
+    duplicates = pd.DataFrame(progress.all_duplicates(), columns=["sample_id", "duplicate_of", "uri"])
+    for name, df in (("manifest", manifest), ("rejects", rejects), ("duplicates", duplicates)):
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        writer.write_bytes(f"{name}.parquet", buf.getvalue())
+    png = _preview(writer, manifest, settings.preview)
+    writer.write_bytes("preview.png", png)
+    for path in writer.list("_progress-*.json"):
+        writer.storage.fs.rm(path)
+    lines = [f"{k}:{h}" for k, h in sorted(zip(manifest.get("key", []), manifest.get("sample_hash", [])))]
+    lines += sorted(f"reject:{r.uri}:{r.reason}" for r in rejects.itertuples())
+    counts = {"samples": len(manifest), "rejects": len(rejects), "duplicates": len(duplicates),
+              "shards": int(manifest["shard"].nunique()) if len(manifest) else 0}
+    ref = ArtifactRef(writer.asset, writer.partition, writer.staging, data_version_of(lines), counts, run_id)
+    ref = writer.publish(ref)
+    return IngestResult(ref, manifest, rejects, duplicates, listing.ignored, png)
+
+
+def _preview(writer: ArtifactWriter, manifest: pd.DataFrame, n: int) -> bytes:
+    """A grid of up to `n` crops, spread over the classes when the source is labelled."""
+    if not len(manifest):
+        return preview_grid([])
+    per_class = max(1, n // max(1, manifest["label"].nunique(dropna=False)))
+    chosen = manifest.groupby(manifest["label"].fillna("unlabelled"), sort=True).head(per_class).head(n)
+    wanted = dict(zip(chosen["key"], chosen["label"].fillna("")))
+    images = {}
+    for shard in chosen["shard"].unique():
+        for key, members in iter_shard(writer.storage, posixpath.join(writer.staging, shard)):
+            if key in wanted:
+                images[key] = Image.open(io.BytesIO(members["jpg"]))
+    keys = [k for k in chosen["key"] if k in images]
+    return preview_grid([images[k] for k in keys], [wanted[k] for k in keys])
+
+
+@dataclass
+class _Progress:
+    """Resume state: shards done, the next record to process, and what was rejected or duplicated so far."""
+
+    writer: ArtifactWriter
+    shards: int = 0
+    next_record: int = 0
+    seen: dict[str, str] = field(default_factory=dict)
+    rejects: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    _saved: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, writer: ArtifactWriter) -> _Progress:
+        progress = cls(writer)
+        for path in writer.list("_progress-[0-9]*.json"):  # in shard order
+            state = json.loads(writer.storage.read_bytes(path))
+            if not writer.exists(f"{SHARD_NAME}-{state['shard']:06d}.parquet"):
+                break
+            progress.shards, progress.next_record = state["shard"] + 1, state["next_record"]
+            progress._saved.append(state)
+        if progress.shards:
+            index = read_index(writer.storage, writer.staging, SHARD_NAME)
+            index = index[index["shard"] < f"{SHARD_NAME}-{progress.shards:06d}"]
+            progress.seen = dict(zip(index["content_hash"], index["sample_id"]))
+        return progress
+
+    def save_shard(self, shard: int, rows: list[dict]) -> None:
+        self._write(f"_progress-{shard:06d}.json", {"shard": shard})
+        self.shards = shard + 1
+
+    def save_tail(self) -> None:
+        self._write("_progress-tail.json", {"shard": -1})
+
+    def _write(self, name: str, extra: dict[str, Any]) -> None:
+        state = {**extra, "next_record": self.next_record, "rejects": self.rejects, "duplicates": self.duplicates}
+        self.writer.write_bytes(name, json.dumps(state).encode())
+        self._saved.append(state)
+        self.rejects, self.duplicates = [], []
+
+    def all_rejects(self) -> list[dict]:
+        return [r for s in self._saved for r in s["rejects"]]
+
+    def all_duplicates(self) -> list[dict]:
+        return [d for s in self._saved for d in s["duplicates"]]
+
+
+def listing_fingerprint(listing: SourceListing) -> str:
+    """What the source held when listed: ids, uris and sizes (a changed file changes the staging key)."""
+    return stage_key([(r.sample_id, r.uri, r.stamp) for r in listing.records], [asdict(r) for r in listing.rejects])
+

@@ -1,0 +1,212 @@
+"""Versioned artifact storage on a local folder or `s3://` (through fsspec / s3fs).
+
+Layout: `{root}/{asset}/{partition}/{data_version}/` holds one published materialization and is never written
+again. Work in progress lives in `{root}/{asset}/{partition}/_staging/{stage_key}/`, where `stage_key` is derived
+from the inputs and settings, so a killed run that is started again finds its finished shards and goes on.
+`publish` moves the staging folder to its data-version folder; `ref.json` is written last, so a folder without it
+is not published. Every single file is written atomically (temporary name + rename locally; one PUT on S3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+import fsspec
+
+REF_FILE = "ref.json"
+STAGING = "_staging"
+
+
+def s3_storage_options(endpoint_url: str | None = None) -> dict[str, Any]:
+    """s3fs options: the endpoint from the argument or `AWS_ENDPOINT_URL`; keys only from the environment."""
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict[str, Any] = {}
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
+
+
+def filesystem_for(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and bare path for any uri (S3 settings from the environment, as for storage)."""
+    options = s3_storage_options(endpoint_url) if uri.startswith("s3://") else {}
+    return fsspec.core.url_to_fs(uri, **options)
+
+
+def read_uri(uri: str) -> bytes:
+    """All bytes of one file at a local path or `s3://` url."""
+    fs, path = filesystem_for(uri)
+    return fs.cat_file(path)
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """The small reference an asset returns: where a materialization lives and what it holds."""
+
+    asset: str
+    partition: str
+    uri: str
+    data_version: str
+    counts: Mapping[str, int] = field(default_factory=dict)
+    run_id: str = ""
+    inputs: Mapping[str, Any] = field(default_factory=dict)  # upstream refs summarised: name -> {uri, data_version}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ArtifactRef:
+        return cls(**json.loads(text))
+
+    def file(self, name: str) -> str:
+        return posixpath.join(self.uri, name)
+
+    def summary(self) -> dict[str, str]:
+        return {"uri": self.uri, "data_version": self.data_version, "run_id": self.run_id}
+
+
+class Storage:
+    """One storage root (`/local/path` or `s3://bucket/prefix`) and the operations every stage uses on it."""
+
+    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None):
+        protocol = root.split("://", 1)[0] if "://" in root else "file"
+        if protocol == "s3" and storage_options is None:
+            storage_options = s3_storage_options()
+        self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(protocol, **dict(storage_options or {}))
+        self.protocol = protocol
+        self.root = root.rstrip("/") if protocol != "file" else os.path.abspath(root)
+        if protocol == "file":
+            os.makedirs(self.root, exist_ok=True)
+        from synfer_pipeline import shards  # registers this filesystem for webdataset's s3:// urls
+
+        shards.register_filesystem(self.fs, protocol)
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    # -- single files -------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def open_atomic(self, uri: str) -> Iterator[IO[bytes]]:
+        """A binary file that appears at `uri` only when the block ends without error."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(uri), exist_ok=True)
+            tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                os.replace(tmp, uri)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            # Spool locally, then one upload: S3 objects appear whole or not at all.
+            with tempfile.NamedTemporaryFile(prefix="synfer-", suffix=".part") as tmp:
+                yield tmp
+                tmp.flush()
+                self.fs.put_file(tmp.name, uri)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        with self.open_atomic(uri) as f:
+            f.write(data)
+
+    def read_bytes(self, uri: str) -> bytes:
+        return self.fs.cat_file(uri)
+
+    def exists(self, uri: str) -> bool:
+        return self.fs.exists(uri)
+
+    def open(self, uri: str, mode: str = "rb") -> IO[bytes]:
+        return self.fs.open(uri, mode)
+
+    def list(self, uri: str, pattern: str = "*") -> list[str]:
+        """Paths under `uri` matching a glob pattern, sorted; [] when the folder does not exist."""
+        if not self.fs.exists(uri):
+            return []
+        found = self.fs.glob(posixpath.join(uri, pattern))
+        return sorted(self._with_protocol(p) for p in found)
+
+    def _with_protocol(self, path: str) -> str:
+        return path if self.is_local or "://" in path else f"{self.protocol}://{path}"
+
+    # -- materializations ---------------------------------------------------------------------------------------
+    def artifact(self, asset: str, partition: str, stage_key: str) -> ArtifactWriter:
+        return ArtifactWriter(self, asset, partition, stage_key)
+
+    def published(self, asset: str, partition: str) -> list[ArtifactRef]:
+        """Every published materialization of an asset partition, oldest first (by folder listing)."""
+        refs = []
+        for ref_file in self.list(self.join(asset, partition), f"*/{REF_FILE}"):
+            refs.append(ArtifactRef.from_json(self.read_bytes(ref_file).decode()))
+        return refs
+
+
+class ArtifactWriter:
+    """Collects the files of one materialization in a resumable staging folder, then publishes them."""
+
+    def __init__(self, storage: Storage, asset: str, partition: str, stage_key: str):
+        self.storage = storage
+        self.asset, self.partition = asset, partition
+        self.base = storage.join(asset, partition)
+        self.staging = posixpath.join(self.base, STAGING, stage_key)
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.staging, name)
+
+    def exists(self, name: str) -> bool:
+        return self.storage.exists(self.path(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.storage.write_bytes(self.path(name), data)
+
+    def list(self, pattern: str = "*") -> list[str]:
+        return self.storage.list(self.staging, pattern)
+
+    def publish(self, ref: ArtifactRef) -> ArtifactRef:
+        """Move the staging folder to `{asset}/{partition}/{data_version}/` and write its ref.json.
+
+        If that data version is already published (same content), the existing folder is kept untouched and the
+        staging folder removed; the returned ref then points at the existing folder.
+        """
+        final = posixpath.join(self.base, ref.data_version)
+        ref = ArtifactRef(**{**asdict(ref), "uri": final})
+        fs = self.storage.fs
+        if self.storage.exists(posixpath.join(final, REF_FILE)):
+            fs.rm(self.staging, recursive=True)
+            return ref
+        self.write_bytes(REF_FILE, ref.to_json().encode())
+        if self.storage.is_local and not os.path.exists(final):
+            os.rename(self.staging, final)  # atomic: ref.json is already inside
+        else:
+            # Object stores have no folder rename: copy everything, ref.json last, then drop the staging copy.
+            names = sorted(posixpath.relpath(p, self.staging) for p in fs.find(self.staging))
+            names.sort(key=lambda n: n == REF_FILE)
+            for name in names:
+                fs.copy(posixpath.join(self.staging, name), posixpath.join(final, name))
+            fs.rm(self.staging, recursive=True)
+        return ref
+
+
+def stage_key(*parts: Any) -> str:
+    """A short stable key for work in progress, from JSON-serialisable parts (inputs, settings, code version)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_version_of(lines: Iterator[str] | list[str]) -> str:
+    """Content-derived data version: a hash over per-sample lines such as `key:content_hash`."""
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
