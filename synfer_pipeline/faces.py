@@ -63,7 +63,7 @@ class HaarCascadeDetector:
         found, _, weights = self._face.detectMultiScale3(
             small, self.scale_factor, self.min_neighbors, minSize=(side, side), outputRejectLevels=True)
         boxes = [Box(*map(float, f), score=float(w)).scaled(1 / scale) for f, w in zip(found, np.ravel(weights))]
-        boxes.sort(key=lambda b: b.area, reverse=True)
+        boxes = _main_face_first(boxes)
         if boxes and self._eye is not None:
             boxes[0] = Box(**{**boxes[0].__dict__, "roll": self._roll(grey, boxes[0])})
         return boxes
@@ -103,9 +103,22 @@ class SkimageCascadeDetector:
         small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
         side = max(12, int(min(small.shape[:2]) * self.min_face_frac))
         found = self._cascade.detect_multi_scale(small, scale_factor=1.2, step_ratio=1, min_size=(side, side),
-                                                 max_size=small.shape[:2], min_intersection_score=0.5)
+                                                 max_size=small.shape[:2])
         boxes = [Box(d["c"], d["r"], d["width"], d["height"]).scaled(1 / scale) for d in found]
         return sorted(boxes, key=lambda b: b.area, reverse=True)
+
+
+def _main_face_first(boxes: list[Box]) -> list[Box]:
+    """Confident boxes (score at least half the best) largest first, then the doubtful ones.
+
+    Largest-first alone lets a big false positive (a patterned patch) win over a confident real face.
+    """
+    if not boxes:
+        return boxes
+    best = max(b.score for b in boxes)
+    confident = sorted((b for b in boxes if b.score >= best / 2), key=lambda b: b.area, reverse=True)
+    doubtful = sorted((b for b in boxes if b.score < best / 2), key=lambda b: b.score, reverse=True)
+    return confident + doubtful
 
 
 DETECTORS = {"opencv-haar": HaarCascadeDetector, "skimage-lbp": SkimageCascadeDetector}

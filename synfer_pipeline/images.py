@@ -37,8 +37,8 @@ def decode_image(data: bytes, min_side: int = 1, draft_side: int | None = None) 
         raise BadImage("empty_file", "the file has 0 bytes")
     try:
         img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as e:
-        raise BadImage("not_an_image", f"no image format recognised ({e})") from None
+    except UnidentifiedImageError:
+        raise BadImage("not_an_image", "no image format recognised in the file's bytes") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure on open means the file is unusable
         raise BadImage("corrupt", f"{type(e).__name__}: {e}") from None
     original_size = img.size

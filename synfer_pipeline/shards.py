@@ -30,7 +30,7 @@ def register_filesystem(fs: fsspec.AbstractFileSystem, protocol: str) -> None:
     if protocol == "file":
         return
     _FILESYSTEMS[protocol] = fs
-    wds.gopen.gopen_schemes[protocol] = _fsspec_gopen
+    wds.gopen_schemes[protocol] = _fsspec_gopen
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:

@@ -190,7 +190,8 @@ class ArtifactWriter:
             os.rename(self.staging, final)  # atomic: ref.json is already inside
         else:
             # Object stores have no folder rename: copy everything, ref.json last, then drop the staging copy.
-            names = sorted(posixpath.relpath(p, self.staging) for p in fs.find(self.staging))
+            bare = fs._strip_protocol(self.staging)
+            names = sorted(posixpath.relpath(p, bare) for p in fs.find(bare))
             names.sort(key=lambda n: n == REF_FILE)
             for name in names:
                 fs.copy(posixpath.join(self.staging, name), posixpath.join(final, name))
