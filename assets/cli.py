@@ -27,17 +27,9 @@ def ensure_dagster_home() -> Path:
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from synfer_pipeline.config import load_profile
-    from synfer_pipeline.toyfaces import write_demo_data
+    from synfer_pipeline.demo_data import ensure_demo_data
 
-    spec = load_profile(args.profile).stage("demo_data")
-    root = Path(spec["root"])
-    if (root / "COMPLETE").exists() and not args.force:
-        print(f"demo data already in {root}")
-        return 0
-    paths = write_demo_data(root, seed=int(spec.get("seed", 0)), n_train=int(spec["rafdb_train"]),
-                            n_test=int(spec["rafdb_test"]), n_hr=int(spec["ffhq"]))
-    (root / "COMPLETE").write_text("written by synfer demo-data\n")
-    for name, path in paths.items():
+    for name, path in ensure_demo_data(load_profile(args.profile).stage("demo_data"), force=args.force).items():
         print(f"demo data {name}: {path}")
     return 0
 
@@ -69,6 +61,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", module="dagster")
+    warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
     parser = argparse.ArgumentParser(prog="synfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo-data", help="write the built-in toy-face datasets")

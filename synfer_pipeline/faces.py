@@ -47,8 +47,9 @@ class HaarCascadeDetector:
 
     name = "opencv-haar"
 
-    def __init__(self, detect_side: int = 320, scale_factor: float = 1.1, min_neighbors: int = 5,
-                 min_face_frac: float = 0.1, level_eyes: bool = True):
+    # Defaults trade recall on small faces for speed (Haar costs ~25 ms per image at 240 px on one core here).
+    def __init__(self, detect_side: int = 240, scale_factor: float = 1.15, min_neighbors: int = 5,
+                 min_face_frac: float = 0.12, level_eyes: bool = True):
         self.detect_side, self.scale_factor, self.min_neighbors = detect_side, scale_factor, min_neighbors
         self.min_face_frac, self.level_eyes = min_face_frac, level_eyes
         self._face = _cascade("haarcascade_frontalface_default.xml")
@@ -139,7 +140,7 @@ def _cascade(filename: str) -> cv2.CascadeClassifier:
     return cascade
 
 
-def crop_face(img: Image.Image, box: Box | None, size: int, margin: float = 0.3) -> Image.Image:
+def crop_face(img: Image.Image | np.ndarray, box: Box | None, size: int, margin: float = 0.3) -> Image.Image:
     """A `size`x`size` RGB crop centred on `box` (widened by `margin` of its side, levelled by `box.roll`).
 
     With `box=None` (aligned sources) the centred square of the whole image is used. Parts of the square outside
@@ -153,17 +154,15 @@ def crop_face(img: Image.Image, box: Box | None, size: int, margin: float = 0.3)
     else:
         side = max(box.w, box.h) * (1 + margin)
         cx, cy, roll = box.x + box.w / 2, box.y + box.h / 2, box.roll
-    # One affine warp does crop, rotation and resize together: dst = M @ src.
     s = size / side
+    if roll == 0.0 and s < 1:
+        return Image.fromarray(_crop_then_resize(arr, cx, cy, side, size))
+    # One affine warp does crop, rotation and resize together: dst = M @ src.
     m = cv2.getRotationMatrix2D((cx, cy), roll, s)
     m[0, 2] += size / 2 - cx
     m[1, 2] += size / 2 - cy
     interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
-    if roll == 0.0 and s < 1:
-        out = _crop_then_resize(arr, cx, cy, side, size)
-    else:
-        out = cv2.warpAffine(arr, m, (size, size), flags=interp, borderMode=cv2.BORDER_REPLICATE)
-    return Image.fromarray(out)
+    return Image.fromarray(cv2.warpAffine(arr, m, (size, size), flags=interp, borderMode=cv2.BORDER_REPLICATE))
 
 
 def _crop_then_resize(arr: np.ndarray, cx: float, cy: float, side: float, size: int) -> np.ndarray:

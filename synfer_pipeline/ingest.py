@@ -78,43 +78,49 @@ def _init_worker(settings: IngestSettings) -> None:
 def process_record(record: SourceRecord, settings: IngestSettings) -> tuple[dict, bytes] | Reject:
     """Decode, hash, locate and crop one image: (index row, JPEG bytes) or a Reject with the reason."""
     try:
-        if record.pixels is not None:
-            img = Image.fromarray(record.pixels).convert("RGB")
-            img.info["scale"] = 1.0
-        else:
-            # Aligned crops and detection both work at a fraction of a large photo's pixels: decode only that.
-            draft = settings.face_size if settings.aligned else max(2 * settings.face_size, 320)
-            img = decode_image(read_uri(record.uri), settings.min_side, draft_side=None if record.box else draft)
-        box, n_faces = _locate_face(img, record, settings)
+        img, pixels = _decode(record, settings, full=False)
+        box, n_faces = _locate_face(pixels, img.info["scale"], record, settings)
         if box is not None and img.info["scale"] < 1 and max(box.w, box.h) * (1 + settings.margin) < settings.face_size:
-            img = decode_image(read_uri(record.uri), settings.min_side)  # small face: crop from full resolution
-            box, n_faces = _locate_face(img, record, settings)
+            img, pixels = _decode(record, settings, full=True)  # small face: crop it from full resolution
+            box, n_faces = _locate_face(pixels, 1.0, record, settings)
     except BadImage as e:
         return Reject(record.uri, e.reason, e.detail, record.sample_id, "decode")
     except OSError as e:
         return Reject(record.uri, "unreadable", f"{type(e).__name__}: {e}", record.sample_id, "read")
     if n_faces == 0:
         return Reject(record.uri, "no_face", f"detector {settings.detector} found no face", record.sample_id, "detect")
-    crop = faces.crop_face(img, box, settings.face_size, settings.margin)
+    crop = faces.crop_face(pixels, box, settings.face_size, settings.margin)
     scale = img.info["scale"]
     native = (max(box.w, box.h) * (1 + settings.margin) if box else min(img.size)) / scale
     row = {
         "sample_id": record.sample_id, "source": record.source, "split": record.split, "label": record.label,
         "label_index": EXPRESSION_INDEX[record.label] if record.label else -1,
         "width": int(round(img.size[0] / scale)), "height": int(round(img.size[1] / scale)),
-        "content_hash": pixel_hash(img), "uri": record.uri, "face_native_px": int(round(native)),
+        "content_hash": pixel_hash(pixels), "uri": record.uri, "face_native_px": int(round(native)),
         "face_box": json.dumps([round(v / scale, 1) for v in (box.x, box.y, box.w, box.h)] if box else None),
         "roll_deg": round(box.roll, 1) if box else 0.0, "faces_found": n_faces,
     }
     return row, encode_jpeg(crop, settings.jpeg_quality)
 
 
-def _locate_face(img: Image.Image, record: SourceRecord, settings: IngestSettings) -> tuple[faces.Box | None, int]:
+def _decode(record: SourceRecord, settings: IngestSettings, full: bool) -> tuple[Image.Image, np.ndarray]:
+    if record.pixels is not None:
+        img = Image.fromarray(record.pixels).convert("RGB")
+        img.info["scale"] = 1.0
+        return img, np.asarray(img)
+    # Aligned crops and detection both need only a fraction of a large photo's pixels: let the JPEG decoder
+    # skip the rest. A known box (AffectNet) is cropped from full resolution.
+    draft = None if full or record.box else (settings.face_size if settings.aligned else max(2 * settings.face_size, 240))
+    img = decode_image(read_uri(record.uri), settings.min_side, draft_side=draft)
+    return img, np.asarray(img)
+
+
+def _locate_face(pixels: np.ndarray, scale: float, record: SourceRecord, settings: IngestSettings) -> tuple[faces.Box | None, int]:
     if record.box is not None:
-        return faces.Box(*record.box).scaled(img.info["scale"]), 1
+        return faces.Box(*record.box).scaled(scale), 1
     if settings.aligned:
         return None, 1
-    boxes = _detector.detect(np.asarray(img))
+    boxes = _detector.detect(pixels)
     return (boxes[0] if boxes else None), len(boxes)
 
 
@@ -196,6 +202,7 @@ def _preview(writer: ArtifactWriter, manifest: pd.DataFrame, n: int) -> bytes:
         return preview_grid([])
     per_class = max(1, n // max(1, manifest["label"].nunique(dropna=False)))
     chosen = manifest.groupby(manifest["label"].fillna("unlabelled"), sort=True).head(per_class).head(n)
+    chosen = chosen.sort_values("label", kind="stable")
     wanted = dict(zip(chosen["key"], chosen["label"].fillna("")))
     images = {}
     for shard in chosen["shard"].unique():

@@ -188,6 +188,8 @@ class ArtifactWriter:
         self.write_bytes(REF_FILE, ref.to_json().encode())
         if self.storage.is_local and not os.path.exists(final):
             os.rename(self.staging, final)  # atomic: ref.json is already inside
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.staging))  # the _staging folder, once nothing else is in progress
         else:
             # Object stores have no folder rename: copy everything, ref.json last, then drop the staging copy.
             bare = fs._strip_protocol(self.staging)

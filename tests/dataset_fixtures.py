@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import face_like, jpeg_bytes, png_bytes
 
-RAFDB_CODE = {"surprise": 1, "fear": 2, "disgust": 3, "happy": 4, "sad": 5, "anger": 6, "neutral": 7}
+from synfer_pipeline.demo_data import RAFDB_CODES as RAFDB_CODE
 
 
 def write_rafdb(root: Path, labels: list[str], test_labels: list[str] = (), corrupt: int = 0, seed: int = 0) -> Path:

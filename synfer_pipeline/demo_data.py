@@ -1,0 +1,120 @@
+"""The demo's built-in datasets: toy faces written in real dataset layouts (RAF-DB basic, an FFHQ-like folder).
+
+Each dataset folder is written into a hidden sibling and renamed when complete: it appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from synfer_pipeline.readers import RAFDB_CODES as _RAFDB_NAMES
+from synfer_pipeline.toyfaces import draw_toy_face
+from synfer_pipeline.vocab import EXPRESSIONS_7
+
+RAFDB_CODES: dict[str, int] = {name: code for code, name in _RAFDB_NAMES.items()}
+
+
+def _balanced_labels(n: int, rng: np.random.Generator) -> list[str]:
+    """`n` expression names cycling over the 7 classes, then shuffled: class counts differ by at most one."""
+    labels = [EXPRESSIONS_7[i % len(EXPRESSIONS_7)] for i in range(n)]
+    return [labels[i] for i in rng.permutation(n)]
+
+
+def _write_au_csv(path: Path, rows: list[tuple[str, str, tuple[str, ...]]]) -> None:
+    """The drawn ground truth: `image,expression,aus` with AUs space-separated (empty for none)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image", "expression", "aus"])
+        writer.writerows([image, expression, " ".join(aus)] for image, expression, aus in rows)
+
+
+def _staging(root: Path) -> Path:
+    """A fresh sibling folder to write into, renamed to `root` when complete: a crash leaves no half dataset."""
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} is not empty; toy data is only written to a new or empty folder")
+    staging = root.with_name(f".{root.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted earlier write
+    staging.mkdir(parents=True)
+    return staging
+
+
+def write_rafdb_layout(root: Path, n_train: int, n_test: int, size: int = 100, seed: int = 0) -> Path:
+    """Write toy faces in the RAF-DB "basic" layout under `root` (new or empty; filled atomically); returns `root`.
+
+    `Image/aligned/train_00001_aligned.jpg` (train numbered with 5 digits, test with 4), labels in
+    `EmoLabel/list_patition_label.txt` as `train_00001.jpg 5` (codes 1..7 = surprise, fear, disgust, happiness,
+    sadness, anger, neutral), classes balanced per split; `synfer_toy_aus.csv` holds the drawn AUs per image.
+    Images are `size` px JPEG (quality 90); face i of a split is drawn from default_rng([seed, 1 train / 2 test, i]),
+    so the same seed gives byte-identical files.
+    """
+    root, out = Path(root), _staging(Path(root))
+    (out / "Image" / "aligned").mkdir(parents=True)
+    (out / "EmoLabel").mkdir()
+    label_rng = np.random.default_rng([seed, 0])
+    lines, rows = [], []
+    for stream, (split, n, digits) in enumerate((("train", n_train, 5), ("test", n_test, 4)), start=1):
+        for i, expression in enumerate(_balanced_labels(n, label_rng), start=1):
+            name = f"{split}_{i:0{digits}d}"
+            face = draw_toy_face(expression, np.random.default_rng([seed, stream, i]), size)
+            face.image.save(out / "Image" / "aligned" / f"{name}_aligned.jpg", quality=90)
+            lines.append(f"{name}.jpg {RAFDB_CODES[expression]}\n")
+            rows.append((f"{name}.jpg", expression, face.aus))
+    (out / "EmoLabel" / "list_patition_label.txt").write_text("".join(lines))
+    _write_au_csv(out / "synfer_toy_aus.csv", rows)
+    out.replace(root)
+    return root
+
+
+def write_unlabelled_folder(root: Path, n: int, size: int = 256, seed: int = 1, ext: str = "png") -> Path:
+    """Write `n` unlabelled toy faces FFHQ-style: `root/00000/00000.png`, ... (1000 per sub-folder); returns `root`.
+
+    `root` must be new or empty and is filled atomically, as in `write_rafdb_layout`. Expressions are balanced
+    over the 7 classes in shuffled order; face i is drawn from default_rng([seed, 3, i]). `root/synfer_toy_aus.csv`
+    (image = relative path) keeps the drawn truth for evaluation only; the pipeline treats the images as unlabelled.
+    """
+    if ext not in ("png", "jpg"):
+        raise ValueError(f"ext must be 'png' or 'jpg', not {ext!r}")
+    root, out = Path(root), _staging(Path(root))
+    rows = []
+    for i, expression in enumerate(_balanced_labels(n, np.random.default_rng([seed, 0]))):
+        relative = f"{i // 1000 * 1000:05d}/{i:05d}.{ext}"
+        (out / relative).parent.mkdir(exist_ok=True)
+        face = draw_toy_face(expression, np.random.default_rng([seed, 3, i]), size)
+        face.image.save(out / relative, **({"quality": 90} if ext == "jpg" else {"compress_level": 1}))
+        rows.append((relative, expression, face.aus))
+    _write_au_csv(out / "synfer_toy_aus.csv", rows)
+    out.replace(root)
+    return root
+
+
+def write_demo_data(root: Path, seed: int = 0, n_train: int = 140, n_test: int = 70,
+                    n_hr: int = 112) -> dict[str, Path]:
+    """Write the demo's built-in data: `root/rafdb` (RAF-DB layout, 100 px) and `root/ffhq` (unlabelled, 256 px).
+
+    Returns {"rafdb": path, "ffhq": path}. Defaults (20/10/16 faces per class) take ~3 s on one core.
+    Each dataset folder must be new or empty; it appears complete or not at all.
+    """
+    root = Path(root)
+    return {"rafdb": write_rafdb_layout(root / "rafdb", n_train, n_test, size=100, seed=seed),
+            "ffhq": write_unlabelled_folder(root / "ffhq", n_hr, size=256, seed=seed + 1)}
+
+
+def ensure_demo_data(spec: dict, force: bool = False) -> dict[str, Path]:
+    """Write the demo data described by a profile's `demo_data` section unless it is already complete."""
+    root = Path(spec["root"])
+    marker = root / "COMPLETE"
+    paths = {"rafdb": root / "rafdb", "ffhq": root / "ffhq"}
+    if marker.exists() and not force:
+        return paths
+    if force:
+        shutil.rmtree(root, ignore_errors=True)
+    for path in paths.values():
+        shutil.rmtree(path, ignore_errors=True)  # an incomplete earlier write (no COMPLETE marker)
+    paths = write_demo_data(root, seed=int(spec.get("seed", 0)), n_train=int(spec["rafdb_train"]),
+                            n_test=int(spec["rafdb_test"]), n_hr=int(spec["ffhq"]))
+    marker.write_text("written by synfer demo-data\n")
+    return paths
