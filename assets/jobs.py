@@ -1,4 +1,8 @@
-"""Jobs: one per partitioning of the graph (a Dagster run covers assets of one partitions definition)."""
+"""Jobs: one per partitioning of the graph (a Dagster run covers assets of one partitions definition).
+
+The UI's "Materialize all" launches a backfill that orders these across runs by itself; `synfer demo` runs them
+in the order of `assets.orchestration.PLAN`.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,20 @@ from dagster import AssetSelection, define_asset_job
 
 from assets.partitions import dataset_partitions
 
-PER_DATASET_ASSETS = ["raw_faces"]
+faces_job = define_asset_job(
+    "faces_job", selection=AssetSelection.assets("raw_faces", "superres_faces"), partitions_def=dataset_partitions,
+    description="Ingest one source dataset and bring its faces to the training resolution.")
 
-per_dataset_job = define_asset_job(
-    "per_dataset_job",
-    selection=AssetSelection.assets(*PER_DATASET_ASSETS),
-    partitions_def=dataset_partitions,
-    description="Per-dataset curation for one source dataset (partition): ingest and what follows it per dataset.",
-)
+au_detector_job = define_asset_job(
+    "au_detector_job", selection=AssetSelection.assets("au_detector"),
+    description="Train (or load) the AU detector on the AU-labelled sources.")
 
-JOBS = [per_dataset_job]
+annotations_job = define_asset_job(
+    "annotations_job", selection=AssetSelection.assets("au_labels", "mllm_captions"), partitions_def=dataset_partitions,
+    description="AU labels and MLLM captions for one source dataset.")
+
+fetext_job = define_asset_job(
+    "fetext_job", selection=AssetSelection.assets("fetext"),
+    description="Validate captions and assemble FEText from every dataset.")
+
+JOBS = [faces_job, au_detector_job, annotations_job, fetext_job]

@@ -12,7 +12,10 @@ from dagster import DagsterInstance, Definitions
 
 # (job name, partitions to run: "all" or None for an unpartitioned job), in dependency order.
 PLAN: list[tuple[str, str | None]] = [
-    ("per_dataset_job", "all"),
+    ("faces_job", "all"),
+    ("au_detector_job", None),
+    ("annotations_job", "all"),
+    ("fetext_job", None),
 ]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from synfer_pipeline.ingest import IngestSettings
+from synfer_pipeline.vocab import OPENGRAPHAU_41
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -55,6 +56,16 @@ class Profile:
 
     def stage(self, name: str) -> dict[str, Any]:
         return dict(self.stages.get(name) or {})
+
+    def model(self, role: str) -> dict[str, Any] | None:
+        """A model role's entry (`{kind: ..., id: ...}`), or None when the profile leaves it out."""
+        spec = self.models.get(role)
+        return dict(spec) if spec else None
+
+    @property
+    def au_names(self) -> tuple[str, ...]:
+        """The configured action-unit list (default: OpenGraphAU's 41, in its order)."""
+        return tuple(self.raw.get("action_units") or OPENGRAPHAU_41)
 
 
 def _expand(value: Any) -> Any:
@@ -101,7 +112,8 @@ def load_profile(name_or_path: str | None = None) -> Profile:
     return Profile(
         name=raw.get("name", path.stem), path=str(path), storage_root=raw["storage"]["root"], datasets=datasets,
         checks=dict(raw.get("checks") or {}), compute=dict(raw.get("compute") or {}), models=dict(raw.get("models") or {}),
-        stages={k: v for k, v in raw.items() if k not in {"name", "storage", "datasets", "ingest", "checks", "compute", "models"}},
+        stages={k: v for k, v in raw.items()
+                if k not in {"name", "storage", "datasets", "ingest", "checks", "compute", "models", "action_units"}},
         raw=raw,
     )
 

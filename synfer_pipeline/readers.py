@@ -73,6 +73,16 @@ def sample_id(source: str, relpath: str) -> str:
     return f"{source}-" + re.sub(r"[^A-Za-z0-9_-]+", "_", relpath).strip("_")
 
 
+def sample_id_for(fmt: str, source: str, name: str) -> str:
+    """The id a reader gives the image called `name` in its own label files (for joining side tables such as AU
+    labels): RAF-DB names images by stem (`train_00001.jpg`), the folder formats by relative path."""
+    if fmt == "rafdb":
+        return sample_id(source, posixpath.splitext(posixpath.basename(name))[0])
+    if fmt == "fer2013":
+        return sample_id(source, f"{int(name):06d}")
+    return sample_id(source, name)
+
+
 def read_source(fmt: str, uri: str, source: str, options: dict | None = None) -> SourceListing:
     """Read a source of format `fmt` at `uri` (local path or `s3://`); see the module docstring for formats."""
     if fmt not in READERS:

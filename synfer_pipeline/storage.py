@@ -14,10 +14,12 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 import fsspec
@@ -136,6 +138,32 @@ class Storage:
             return []
         found = self.fs.glob(posixpath.join(uri, pattern))
         return sorted(self._with_protocol(p) for p in found)
+
+    def put_folder(self, local: str | os.PathLike, uri: str) -> list[str]:
+        """Copy a local folder's files to `uri/` (each file atomically); returns the relative names copied."""
+        names = []
+        for path in sorted(Path(local).rglob("*")):
+            if path.is_file():
+                name = path.relative_to(local).as_posix()
+                with open(path, "rb") as src, self.open_atomic(posixpath.join(uri, name)) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                names.append(name)
+        return names
+
+    def local_folder(self, uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+        """A local path holding the folder at `uri`: the folder itself on local storage, else a cached download
+        (keyed by uri; published folders never change, so a complete copy is reused)."""
+        if self.is_local:
+            return Path(uri)
+        cache = Path(cache_dir or os.environ.get("SYNFER_CACHE", Path.home() / ".cache" / "synfer"))
+        target = cache / hashlib.sha256(uri.encode()).hexdigest()[:24]
+        if not (target / ".complete").exists():
+            partial = target.with_name(target.name + f".part-{uuid.uuid4().hex[:8]}")
+            self.fs.get(uri.rstrip("/") + "/", str(partial), recursive=True)
+            (partial / ".complete").write_text(uri)
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+        return target
 
     def _with_protocol(self, path: str) -> str:
         return path if self.is_local or "://" in path else f"{self.protocol}://{path}"

@@ -1,0 +1,120 @@
+"""Captioning a dataset: the captioner role, and a cache that makes reruns skip images already captioned.
+
+The captioner is a multimodal LLM (`{kind: mllm, id: ..., prompt: ..., generation: {...}}`) or, for the demo, the
+template captioner (`{kind: template}`), recorded as such in every row. Captions are cached per captioner key (model +
+prompt + generation settings): `{cache}/{key}/part-*.parquet`, append-only, so a killed or repeated run only
+captions what is missing, and a changed prompt gets a new key (and a new captions data version) while the old
+captions stay where they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+
+from synfer_pipeline.captions.template import TemplateCaptioner
+from synfer_pipeline.datasets import Sample, image_member, open_image
+from synfer_pipeline.storage import Storage
+
+CAPTION_COLUMNS = ["key", "sample_id", "caption", "captioner", "cache_key"]
+
+
+class TemplateRole:
+    """The template captioner as a captioner role: captions from each image's expression and AUs, not its pixels."""
+
+    needs_images = False
+
+    def __init__(self, seed: int = 0, subject: str = "person"):
+        self.template, self.subject = TemplateCaptioner(seed), subject
+
+    def describe(self) -> dict:
+        return {**self.template.describe(), "subject": self.subject}
+
+    @property
+    def cache_key(self) -> str:
+        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def caption(self, images, contexts: Sequence[dict]) -> list[str]:
+        return [self.template.caption(c["expression"], c["aus"], subject=self.subject, key=c["key"]) for c in contexts]
+
+
+class MLLMRole:
+    """A multimodal LLM (transformers) as the captioner role; it reads only the pixels."""
+
+    needs_images = True
+
+    def __init__(self, captioner):
+        self.captioner = captioner
+
+    def describe(self) -> dict:
+        return self.captioner.describe()
+
+    @property
+    def cache_key(self) -> str:
+        return self.captioner.cache_key
+
+    def caption(self, images, contexts: Sequence[dict]) -> list[str]:
+        return self.captioner.caption(images)
+
+
+def load_captioner(spec: dict | None, device: str = "cpu", dtype: str = "float32"):
+    """The captioner role from its profile entry."""
+    spec = dict(spec or {})
+    kind = spec.pop("kind", None)
+    if kind == "template":
+        return TemplateRole(**spec)
+    if kind == "mllm":
+        from synfer_pipeline.captions.mllm import GenerationSettings, MLLMCaptioner
+
+        generation = GenerationSettings(**spec.pop("generation", {}))
+        return MLLMRole(MLLMCaptioner.from_pretrained(spec.pop("id"), generation=generation, device=device, dtype=dtype, **spec))
+    raise ValueError(f"captioner kind must be 'mllm' or 'template', not {kind!r}")
+
+
+class CaptionCache:
+    """Append-only caption parts under `{folder}/{cache_key}/` on the storage."""
+
+    def __init__(self, storage: Storage, folder: str, cache_key: str):
+        self.storage, self.folder = storage, f"{folder.rstrip('/')}/{cache_key}"
+
+    def load(self) -> pd.DataFrame:
+        parts = self.storage.list(self.folder, "part-*.parquet")
+        frames = [pd.read_parquet(io.BytesIO(self.storage.read_bytes(p))) for p in parts]
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CAPTION_COLUMNS)
+        return df.drop_duplicates("key", keep="first")
+
+    def add(self, df: pd.DataFrame) -> None:
+        if len(df):
+            buf = io.BytesIO()
+            df.to_parquet(buf, index=False)
+            self.storage.write_bytes(f"{self.folder}/part-{uuid.uuid4().hex}.parquet", buf.getvalue())
+
+
+def caption_samples(samples: Sequence[Sample], contexts: pd.DataFrame, captioner, cache: CaptionCache,
+                    chunk: int = 64, log: Callable[[str], None] = lambda s: None) -> tuple[pd.DataFrame, int]:
+    """Captions for `samples` (rows in CAPTION_COLUMNS), reusing cached ones; returns (table, newly captioned).
+
+    `contexts` is indexed by key with `expression` and `aus` (what the template captioner writes from).
+    """
+    cached = cache.load()
+    done = set(cached["key"])
+    todo = [(k, m) for k, m in samples if k not in done]
+    described = json.dumps(captioner.describe(), sort_keys=True)
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        images = [open_image(image_member(m)) for _, m in part] if captioner.needs_images else [None] * len(part)
+        ctx = [{"key": k, "expression": contexts.at[k, "expression"], "aus": list(contexts.at[k, "aus"])} for k, _ in part]
+        texts = captioner.caption(images, ctx)
+        rows = pd.DataFrame({"key": [k for k, _ in part], "sample_id": [contexts.at[k, "sample_id"] for k, _ in part],
+                             "caption": texts, "captioner": described, "cache_key": captioner.cache_key})
+        cache.add(rows)  # saved per chunk: a killed run loses at most one chunk of work
+        cached = pd.concat([cached, rows], ignore_index=True)
+        log(f"captioned {min(start + chunk, len(todo))}/{len(todo)}")
+    keys = [k for k, _ in samples]
+    table = cached.set_index("key").loc[keys].reset_index()[CAPTION_COLUMNS]
+    return table, len(todo)
