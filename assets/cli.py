@@ -2,6 +2,7 @@
 
     synfer demo-data            write the built-in toy-face datasets where the profile expects them
     synfer demo                 demo data + materialize every asset of the graph into the local instance
+    synfer lineage ASSET        which exact upstream materializations fed the latest (or --run-id) materialization
 """
 
 from __future__ import annotations
@@ -60,9 +61,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    ensure_dagster_home()
+    import json
+    from dataclasses import asdict
+
+    from dagster import DagsterInstance
+
+    from assets.lineage import format_lineage, lineage
+
+    with DagsterInstance.get() as instance:
+        try:
+            node = lineage(instance, args.asset, args.partition, args.run_id)
+        except LookupError as e:
+            print(e, file=sys.stderr)
+            return 1
+    print(json.dumps(asdict(node), indent=2, default=str) if args.json else format_lineage(node))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", module="dagster")
     warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
     parser = argparse.ArgumentParser(prog="synfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="demo data + materialize the whole graph")
     p.add_argument("--profile", default=None)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("lineage", help="the upstream chain of a materialization (reads $DAGSTER_HOME, default .synfer/dagster_home)")
+    p.add_argument("asset")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--run-id", default=None, help="the materialization made by this run (default: the latest)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lineage)
     args = parser.parse_args(argv)
     return args.func(args)
 

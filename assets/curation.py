@@ -99,7 +99,7 @@ def au_detector(context: AssetExecutionContext, superres_faces: dict, storage: S
 
 
 def _f1_metadata(metrics: dict) -> dict:
-    per_au = metrics.get("per_au_f1", {})
+    per_au = metrics.get("per_au", {})
     rows = [{"AU": au, **{k: (None if v is None else round(v, 3) if isinstance(v, float) else v) for k, v in m.items()}}
             for au, m in per_au.items() if m.get("support")]
     return {

@@ -28,7 +28,7 @@ def fetext(context: AssetExecutionContext, superres_faces: dict, au_labels: dict
     inputs = {f"{asset}/{pk}": ref.summary() for asset, refs in
               (("superres_faces", superres_faces), ("au_labels", au_labels), ("mllm_captions", mllm_captions))
               for pk, ref in sorted(refs.items())}
-    writer = store.artifact("fetext", "all", stage_key(inputs, cfg))
+    writer = store.artifact("fetext", "all", stage_key({k: v["data_version"] for k, v in inputs.items()}, cfg))
     reports, shard_index = [], 0
     for pk in sorted(superres_faces):
         annotations = read_table(store, au_labels[pk], "au_labels.parquet").set_index("key")

@@ -99,6 +99,7 @@ def write_shard(storage, folder: str, name: str, index: int, samples: Iterable[t
     with storage.open_atomic(posixpath.join(folder, f"{stem}.tar")) as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, members, row in samples:
+                members = {ext: encode_member(ext, v) for ext, v in members.items()}
                 if "." in key or "/" in key:
                     raise ValueError(f"sample key {key!r} may not contain '.' or '/' (webdataset splits on them)")
                 for ext in sorted(members):

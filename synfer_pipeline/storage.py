@@ -72,7 +72,9 @@ class ArtifactRef:
         return posixpath.join(self.uri, name)
 
     def summary(self) -> dict[str, str]:
-        return {"uri": self.uri, "data_version": self.data_version, "run_id": self.run_id}
+        """What a downstream artifact records of this one as its input (enough to find it again)."""
+        return {"asset": self.asset, "partition": self.partition, "uri": self.uri, "data_version": self.data_version,
+                "run_id": self.run_id}
 
 
 class Storage:
