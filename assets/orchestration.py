@@ -10,6 +10,9 @@ from collections.abc import Callable
 
 from dagster import DagsterInstance, Definitions
 
+# Step events stay in the instance (the UI shows them all); the terminal only gets warnings and errors.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
 # (job name, partitions to run: "all" or None for an unpartitioned job), in dependency order.
 PLAN: list[tuple[str, str | None]] = [
     ("faces_job", "all"),
@@ -30,7 +33,7 @@ def materialize_all(defs: Definitions, instance: DagsterInstance, log: Callable[
             label = f"{job_name}[{key}]" if key else job_name
             log(f"running {label} ...")
             result = job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False,
-                                            tags={"synfer/launched_by": "synfer demo"})
+                                            tags={"synfer/launched_by": "synfer demo"}, run_config=QUIET)
             results.append((label, result.success))
             if not result.success:
                 for event in result.all_events:
