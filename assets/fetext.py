@@ -76,5 +76,5 @@ def _preview(store, folder: str, index: pd.DataFrame, n: int) -> bytes:
             images.append(open_image(members["jpg"]))
             texts.append(members["txt"].decode())
             if len(images) >= n:
-                break
+                return preview_grid(images, texts, thumb=128, columns=4, caption_lines=4)
     return preview_grid(images, texts, thumb=128, columns=4, caption_lines=4)
