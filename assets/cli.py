@@ -3,6 +3,7 @@
     synfer demo-data            write the built-in toy-face datasets where the profile expects them
     synfer demo                 demo data + materialize every asset of the graph into the local instance
     synfer lineage ASSET        which exact upstream materializations fed the latest (or --run-id) materialization
+    synfer retention --keep N   delete all but the N newest published versions of every asset partition
 """
 
 from __future__ import annotations
@@ -80,6 +81,28 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retention(args: argparse.Namespace) -> int:
+    """Reruns never delete; this does, keeping the latest materialization Dagster records for every partition."""
+    ensure_dagster_home()
+    from dagster import DagsterInstance
+
+    from synfer_pipeline.config import load_profile
+    from synfer_pipeline.storage import Storage, retention_plan
+
+    from assets.lineage import latest_uris
+
+    storage = Storage(load_profile(args.profile).storage_root)
+    with DagsterInstance.get() as instance:
+        protect = latest_uris(instance)
+    doomed = retention_plan(storage, args.keep, protect)
+    for uri in doomed:
+        print(("would delete " if args.dry_run else "deleting ") + uri)
+        if not args.dry_run:
+            storage.fs.rm(uri, recursive=True)
+    print(f"{len(doomed)} version folder(s) {'to delete' if args.dry_run else 'deleted'}; {len(protect)} latest kept")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -102,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", default=None, help="the materialization made by this run (default: the latest)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lineage)
+    p = sub.add_parser("retention", help="delete old published versions (never the latest materialization)")
+    p.add_argument("--keep", type=int, required=True)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--profile", default=None)
+    p.set_defaults(func=cmd_retention)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -110,3 +110,16 @@ def format_lineage(node: LineageNode) -> str:
 
     walk(node, 0)
     return "\n".join(lines)
+
+
+def latest_uris(instance: DagsterInstance) -> set[str]:
+    """The artifact folder of the latest materialization of every asset partition in the instance."""
+    uris = set()
+    for key in instance.get_asset_keys():
+        partitions = instance.get_materialized_partitions(key) or {None}
+        for pk in partitions:
+            record = find_materialization(instance, key.to_user_string(), pk)
+            ref = record.asset_materialization.metadata.get(REF_KEY) if record else None
+            if ref is not None:
+                uris.add(ref.value["uri"])
+    return uris

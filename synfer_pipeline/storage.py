@@ -182,6 +182,24 @@ class Storage:
         return refs
 
 
+def retention_plan(storage: Storage, keep: int, protect: set[str] = frozenset()) -> list[str]:
+    """Published folders to delete so that each asset partition keeps its `keep` newest versions (by the time
+    their ref.json was written); folders in `protect` (e.g. the latest materialization Dagster knows) are kept."""
+    if keep < 1:
+        raise ValueError("retention must keep at least one version per asset partition")
+    doomed = []
+    partitions = sorted({posixpath.dirname(posixpath.dirname(p)) for p in storage.list(storage.root, f"*/*/*/{REF_FILE}")})
+    for folder in partitions:
+        versions = []
+        for ref_file in storage.list(folder, f"*/{REF_FILE}"):
+            info = storage.fs.info(ref_file)
+            stamp = info.get("mtime") or info.get("LastModified") or 0
+            versions.append((float(stamp.timestamp() if hasattr(stamp, "timestamp") else stamp), posixpath.dirname(ref_file)))
+        versions.sort(reverse=True)
+        doomed += [uri for _, uri in versions[keep:] if uri not in protect]
+    return doomed
+
+
 class ArtifactWriter:
     """Collects the files of one materialization in a resumable staging folder, then publishes them."""
 
