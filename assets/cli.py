@@ -43,9 +43,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cmd_demo_data(argparse.Namespace(profile=args.profile, force=False))
 
     from dagster import DagsterInstance
+    from diffusers.utils import logging as diffusers_logging
 
     from assets.definitions import defs
     from assets.orchestration import materialize_all
+
+    diffusers_logging.disable_progress_bar()  # the terminal gets one line per run; the UI has the details
 
     started = time.time()
     with DagsterInstance.get() as instance:
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", module="dagster")
     warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
     parser = argparse.ArgumentParser(prog="synfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -35,7 +35,7 @@ def fetext(context: AssetExecutionContext, superres_faces: dict, au_labels: dict
         captions = read_table(store, mllm_captions[pk], "captions.parquet").set_index("key")
         for shard in input_shards(store, superres_faces[pk], "faces"):
             samples = list(iter_shard(store, shard))
-            accepted, report = fetext_samples(samples, annotations, captions, profile.au_names, rules)
+            accepted, report = fetext_samples(samples, annotations, captions, profile.au_names, rules, cfg.validate)
             reports += report
             part = f"_report-{shard_index:06d}.done"
             if not writer.exists(part):  # resumable: a finished shard is not written again

@@ -26,4 +26,8 @@ fetext_job = define_asset_job(
     "fetext_job", selection=AssetSelection.assets("fetext"),
     description="Validate captions and assemble FEText from every dataset.")
 
-JOBS = [faces_job, au_detector_job, annotations_job, fetext_job]
+generator_job = define_asset_job(
+    "generator_job", selection=AssetSelection.assets("diffusion_stage1", "diffusion_stage2", "au_adapter"),
+    description="Two-stage diffusion fine-tuning on FEText, then the AU adapter (GPU steps).")
+
+JOBS = [faces_job, au_detector_job, annotations_job, fetext_job, generator_job]

@@ -19,6 +19,7 @@ PLAN: list[tuple[str, str | None]] = [
     ("au_detector_job", None),
     ("annotations_job", "all"),
     ("fetext_job", None),
+    ("generator_job", None),
 ]
 
 

@@ -107,14 +107,18 @@ def ensure_demo_data(spec: dict, force: bool = False) -> dict[str, Path]:
     """Write the demo data described by a profile's `demo_data` section unless it is already complete."""
     root = Path(spec["root"])
     marker = root / "COMPLETE"
-    paths = {"rafdb": root / "rafdb", "ffhq": root / "ffhq"}
+    paths = {"rafdb": root / "rafdb", "ffhq": root / "ffhq", "tiny-sd": root / "tiny-sd"}
     if marker.exists() and not force:
         return paths
     if force:
         shutil.rmtree(root, ignore_errors=True)
     for path in paths.values():
         shutil.rmtree(path, ignore_errors=True)  # an incomplete earlier write (no COMPLETE marker)
+    del paths["tiny-sd"]
     paths = write_demo_data(root, seed=int(spec.get("seed", 0)), n_train=int(spec["rafdb_train"]),
                             n_test=int(spec["rafdb_test"]), n_hr=int(spec["ffhq"]))
+    from synfer_pipeline.diffusion.tiny import save_tiny_sd  # the demo's base model: tiny, random, built from configs
+
+    paths["tiny-sd"] = save_tiny_sd(root / "tiny-sd", seed=int(spec.get("seed", 0)))
     marker.write_text("written by synfer demo-data\n")
     return paths

@@ -27,6 +27,8 @@ SHARD_NAME = "fetext"
 @dataclass(frozen=True)
 class FETextSettings:
     validation: dict = field(default_factory=dict)  # ValidationRules fields (word bounds, repetition...)
+    validate: bool = True    # False keeps every non-empty caption (the paper's "without validation" ablation);
+                             # the verdicts are still recorded in the report
     preview: int = 16
 
     def rules(self) -> ValidationRules:
@@ -34,8 +36,10 @@ class FETextSettings:
 
 
 def fetext_samples(samples: Sequence[Sample], annotations: pd.DataFrame, captions: pd.DataFrame, au_names: Sequence[str],
-                   rules: ValidationRules) -> tuple[list, list[dict]]:
-    """Validate and join one shard's worth of faces: (accepted FEText samples, verdict rows for every face)."""
+                   rules: ValidationRules, enforce: bool = True) -> tuple[list, list[dict]]:
+    """Validate and join one shard's worth of faces: (accepted FEText samples, verdict rows for every face).
+
+    With `enforce=False` every non-empty caption is accepted and the verdict is only recorded."""
     keys = [k for k, _ in samples]
     ann = annotations.loc[keys]
     cap = captions.loc[keys]
@@ -46,8 +50,8 @@ def fetext_samples(samples: Sequence[Sample], annotations: pd.DataFrame, caption
         report.append({"key": key, "sample_id": a["sample_id"], "source": a["source"], "label": a["label"],
                        "expression": a["expression"], "caption": c["caption"], "asserted": verdict.asserted,
                        "asserted_unvalidated": parse_expression(c["caption"]).expression if c["caption"] else None,
-                       "ok": verdict.ok, "reason": verdict.reason})
-        if not verdict.ok:
+                       "ok": verdict.ok or (not enforce and bool(c["caption"])), "reason": verdict.reason})
+        if not report[-1]["ok"]:
             continue
         aus = list(a["aus"])
         info = {"sample_id": a["sample_id"], "source": a["source"], "label": a["label"], "expression": a["expression"],
