@@ -36,6 +36,18 @@ def png_bytes(img: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Every model in the tests is tiny: threads only add hand-offs, and on a shared 2-core machine two torch threads
+    waiting on each other made tiny-model steps up to 50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def synfer_home(tmp_path, monkeypatch) -> Path:
     """A private SYNFER_HOME (storage, demo data) and DAGSTER_HOME for one test."""

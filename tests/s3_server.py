@@ -48,3 +48,17 @@ def moto_server():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+@contextmanager
+def s3_environment(monkeypatch, bucket: str = "synfer"):
+    """A moto server with the AWS_* variables pointing at it and `bucket` created; yields a boto3 client."""
+    import boto3
+
+    with moto_server() as url:
+        for name, value in (("AWS_ENDPOINT_URL", url), ("AWS_ACCESS_KEY_ID", "testing"),
+                            ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+            monkeypatch.setenv(name, value)
+        client = boto3.client("s3", endpoint_url=url)
+        client.create_bucket(Bucket=bucket)
+        yield client

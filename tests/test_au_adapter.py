@@ -35,14 +35,6 @@ from synfer_pipeline.vocab import au_vector
 CONFIG = AUAdapterConfig(num_tokens=4, hidden_dim=16, au_dropout=0.3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> str:
     return str(save_tiny_sd(tmp_path_factory.mktemp("tiny") / "base", seed=0))

@@ -4,7 +4,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 from dagster import AssetKey, DagsterInstance, materialize
 
 from assets.curation import au_detector, au_labels, mllm_captions, superres_faces
@@ -20,14 +19,6 @@ from synfer_pipeline.wheel_files import fixture_path
 from tiny_models import save_tiny_llava, save_tiny_swin2sr
 
 PER_DATASET = [raw_faces, superres_faces, au_labels, mllm_captions]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from fetext_fixtures import NATIVE_SOURCE, write_toy_fetext
 from PIL import Image
-from s3_server import moto_server
+from s3_server import s3_environment
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -23,15 +23,6 @@ from synfer_pipeline.diffusion.settings import TrainSettings
 from synfer_pipeline.diffusion.tiny import tiny_clip_tokenizer
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: one thread per test process is several times faster than two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +118,7 @@ def test_feed_resumed_at_any_batch_continues_the_same_sequence(fetext, workers):
 
 
 def test_feed_streams_s3_shards_in_the_same_order_as_local_ones(fetext, tmp_path, monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    with moto_server() as url:
-        for key, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="synfer")
+    with s3_environment(monkeypatch):
         s3_urls = write_toy_fetext("s3://synfer/fetext", n=24, per_shard=8)
         assert [u.rsplit("/", 1)[1] for u in s3_urls] == [Path(u).name for u in fetext]
         tokenizer = tiny_clip_tokenizer()

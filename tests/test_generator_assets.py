@@ -20,14 +20,6 @@ from generator_helpers import REPO, curate, gen_profile, latest, make_sources, r
 from synfer_pipeline.au_adapter import load_au_adapter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     return make_sources(tmp_path_factory.mktemp("gen_sources"))

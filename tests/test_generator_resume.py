@@ -3,29 +3,19 @@ on local storage and on S3 (where a fresh machine downloads the newest complete 
 
 import shutil
 
-import boto3
 import pytest
-import torch
 from dagster import DagsterInstance, materialize
 
 import assets.generator as generator_module
 from assets.definitions import build_resources
 from generator_helpers import ALL, curate, gen_profile, latest, make_sources, run_assets
-from s3_server import moto_server
+from s3_server import s3_environment
 
 RESUMABLE = {"max_train_steps": 4, "checkpointing_steps": 2}
 
 
 class Killed(BaseException):
     """Stands in for a killed pod: nothing in the pipeline may catch it."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +64,7 @@ def test_on_s3_a_fresh_machine_resumes_from_the_uploaded_checkpoint(tmp_path, so
     work = tmp_path / "local-work"
     monkeypatch.setenv("SYNFER_WORK", str(work))
     monkeypatch.setenv("SYNFER_CACHE", str(tmp_path / "cache"))
-    with moto_server() as url:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        s3 = boto3.client("s3", endpoint_url=url)
-        s3.create_bucket(Bucket="synfer")
+    with s3_environment(monkeypatch) as s3:
         profile = gen_profile(tmp_path, sources, "Describe the face.", storage_root="s3://synfer/run", train=RESUMABLE)
         resumed = _stage1_twice(profile, monkeypatch, wipe_local_work=lambda: shutil.rmtree(work))
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="synfer", Prefix="run/diffusion_stage1/")["Contents"]]

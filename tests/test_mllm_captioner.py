@@ -25,16 +25,6 @@ from synfer_pipeline.captions.mllm import (
 GREEDY = GenerationSettings(max_new_tokens=12)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # A tiny model gains nothing from threads, and on a shared machine two threads waiting on each other made
-    # generation 50x slower; restore the setting for the other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llava_path(tmp_path_factory):
     return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))

@@ -2,7 +2,6 @@
 
 import io
 
-import boto3
 import pandas as pd
 import pytest
 import webdataset as wds
@@ -13,7 +12,7 @@ from assets.definitions import build_resources
 from assets.ingest import raw_faces
 from conftest import write_profile
 from dataset_fixtures import write_rafdb
-from s3_server import moto_server
+from s3_server import s3_environment
 from synfer_pipeline.config import load_profile
 from synfer_pipeline.storage import Storage
 
@@ -22,13 +21,7 @@ LABELS = ["happy", "sad", "anger", "neutral", "surprise", "fear", "disgust"]
 
 @pytest.fixture(scope="module")
 def s3():
-    with moto_server() as url, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ENDPOINT_URL", url)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        client = boto3.client("s3", endpoint_url=url)
-        client.create_bucket(Bucket="synfer")
+    with pytest.MonkeyPatch.context() as mp, s3_environment(mp) as client:
         yield client
 
 
