@@ -11,7 +11,7 @@ from assets.metadata import preview, ref_metadata
 from assets.partitions import dataset_partitions
 from resources import ComputeResource, SettingsResource, StorageResource
 from synfer_pipeline.annotate import annotate_samples, au_training_set, read_au_csv
-from synfer_pipeline.captions.run import CaptionCache, caption_samples, load_captioner
+from synfer_pipeline.captions.run import CAPTION_COLUMNS, CaptionCache, caption_samples, load_captioner
 from synfer_pipeline.config import from_dict, settings_hash
 from synfer_pipeline.datasets import image_member, input_shards, map_shards, map_shards_to_table, open_image, publish_dataset
 from synfer_pipeline.preview import preview_grid
@@ -148,9 +148,13 @@ def mllm_captions(context: AssetExecutionContext, superres_faces: ArtifactRef, a
     captioner = load_captioner(profile.model("captioner"), compute.device, compute.dtype)
     contexts = read_table(store, au_labels, "au_labels.parquet").set_index("key")
     cache = CaptionCache(store, store.join("mllm_captions", context.partition_key, "_cache"), captioner.cache_key)
-    samples = [s for shard in input_shards(store, superres_faces, "faces") for s in iter_shard(store, shard)]
-    table, new = caption_samples(samples, contexts, captioner, cache, int(profile.stage("captions").get("chunk", 64)),
-                                 context.log.info)
+    tables, new = [], 0
+    for shard in input_shards(store, superres_faces, "faces"):  # one shard's images in memory at a time
+        part, added = caption_samples(list(iter_shard(store, shard)), contexts, captioner, cache,
+                                      int(profile.stage("captions").get("chunk", 64)), context.log.info)
+        tables.append(part)
+        new += added
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=CAPTION_COLUMNS)
     writer = store.artifact("mllm_captions", context.partition_key,
                             stage_key(superres_faces.data_version, au_labels.data_version, captioner.cache_key))
     ref = publish_dataset(writer, {"captions": table}, context.run_id, {"samples": len(table), "newly_captioned": new},

@@ -81,40 +81,51 @@ class CaptionCache:
 
     def __init__(self, storage: Storage, folder: str, cache_key: str):
         self.storage, self.folder = storage, f"{folder.rstrip('/')}/{cache_key}"
+        self._captions: dict[str, tuple[str, str]] | None = None  # key -> (sample_id, caption), read once
 
-    def load(self) -> pd.DataFrame:
-        parts = self.storage.list(self.folder, "part-*.parquet")
-        frames = [pd.read_parquet(io.BytesIO(self.storage.read_bytes(p))) for p in parts]
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CAPTION_COLUMNS)
-        return df.drop_duplicates("key", keep="first")
+    def _loaded(self) -> dict[str, tuple[str, str]]:
+        if self._captions is None:
+            self._captions = {}
+            for part in self.storage.list(self.folder, "part-*.parquet"):
+                df = pd.read_parquet(io.BytesIO(self.storage.read_bytes(part)))
+                for key, sid, caption in zip(df["key"], df["sample_id"], df["caption"]):
+                    self._captions.setdefault(key, (sid, caption))
+        return self._captions
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._loaded()
+
+    def get(self, key: str) -> tuple[str, str]:
+        return self._loaded()[key]
 
     def add(self, df: pd.DataFrame) -> None:
         if len(df):
             buf = io.BytesIO()
             df.to_parquet(buf, index=False)
             self.storage.write_bytes(f"{self.folder}/part-{uuid.uuid4().hex}.parquet", buf.getvalue())
+            for key, sid, caption in zip(df["key"], df["sample_id"], df["caption"]):
+                self._loaded().setdefault(key, (sid, caption))
 
 
 def caption_samples(samples: Sequence[Sample], contexts: pd.DataFrame, captioner, cache: CaptionCache,
                     chunk: int = 64, log: Callable[[str], None] = lambda s: None) -> tuple[pd.DataFrame, int]:
     """Captions for `samples` (rows in CAPTION_COLUMNS), reusing cached ones; returns (table, newly captioned).
 
-    `contexts` is indexed by key with `expression` and `aus` (what the template captioner writes from).
+    `contexts` is indexed by key with `expression` and `aus` (what the template captioner writes from). Call it
+    once per shard: only one shard's images are in memory at a time.
     """
-    cached = cache.load()
-    done = set(cached["key"])
-    todo = [(k, m) for k, m in samples if k not in done]
-    described = json.dumps(captioner.describe(), sort_keys=True)
+    todo = [(k, m) for k, m in samples if k not in cache]
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
         images = [open_image(image_member(m)) for _, m in part] if captioner.needs_images else [None] * len(part)
         ctx = [{"key": k, "expression": contexts.at[k, "expression"], "aus": list(contexts.at[k, "aus"])} for k, _ in part]
         texts = captioner.caption(images, ctx)
-        rows = pd.DataFrame({"key": [k for k, _ in part], "sample_id": [contexts.at[k, "sample_id"] for k, _ in part],
-                             "caption": texts, "captioner": described, "cache_key": captioner.cache_key})
-        cache.add(rows)  # saved per chunk: a killed run loses at most one chunk of work
-        cached = pd.concat([cached, rows], ignore_index=True)
+        cache.add(pd.DataFrame({"key": [k for k, _ in part], "sample_id": [contexts.at[k, "sample_id"] for k, _ in part],
+                                "caption": texts}))  # saved per chunk: a killed run loses at most one chunk of work
         log(f"captioned {min(start + chunk, len(todo))}/{len(todo)}")
     keys = [k for k, _ in samples]
-    table = cached.set_index("key").loc[keys].reset_index()[CAPTION_COLUMNS]
-    return table, len(todo)
+    described = json.dumps(captioner.describe(), sort_keys=True)
+    table = pd.DataFrame({"key": keys, "sample_id": [cache.get(k)[0] for k in keys],
+                          "caption": [cache.get(k)[1] for k in keys], "captioner": described,
+                          "cache_key": captioner.cache_key})
+    return table[CAPTION_COLUMNS], len(todo)
