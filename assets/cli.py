@@ -58,7 +58,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from synfer_pipeline.config import load_profile
 
     print(f"artifacts under: {load_profile().storage_root}")
-    print("open the UI with `make ui` (http://127.0.0.1:3000), then Assets -> raw_faces to see metadata and lineage")
+    print("open the UI with `make ui` (http://127.0.0.1:3000) to inspect metadata, checks and lineage;")
+    print("`synfer lineage au_adapter` prints which FEText, captions and runs fed the checkpoints")
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
