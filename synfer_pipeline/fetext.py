@@ -11,10 +11,9 @@ Sample members: `jpg` (training-resolution image), `txt` (caption), `cls` (refer
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 
 from synfer_pipeline.captions.validation import ValidationRules, parse_expression, validate_captions
@@ -82,6 +81,3 @@ def counts_by(index: pd.DataFrame, rows: str, columns: str) -> dict:
     return {str(k): {str(c): int(n) for c, n in v.items()} for k, v in
             pd.crosstab(index[rows], index[columns]).to_dict(orient="index").items()} if len(index) else {}
 
-
-def au_vector_of(sample_json: Mapping) -> np.ndarray:
-    return np.asarray(sample_json["au_vector"], dtype=np.float32)
