@@ -29,7 +29,7 @@ def ensure_dagster_home() -> Path:
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from synfer_pipeline.config import load_profile
-    from synfer_pipeline.demo_data import ensure_demo_data
+    from synfer_pipeline.demo.data import ensure_demo_data
 
     for name, path in ensure_demo_data(load_profile(args.profile).stage("demo_data"), force=args.force).items():
         print(f"demo data {name}: {path}")
@@ -91,7 +91,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from synfer_pipeline.config import load_profile
-    from synfer_pipeline.storage import Storage, retention_plan
+    from synfer_pipeline.io.storage import Storage, retention_plan
 
     from assets.lineage import latest_uris
 

@@ -10,14 +10,14 @@ from dagster import AssetExecutionContext, AssetIn, DataVersion, MetadataValue, 
 from assets.metadata import preview, ref_metadata
 from assets.partitions import dataset_partitions
 from resources import ComputeResource, SettingsResource, StorageResource
-from synfer_pipeline.annotate import annotate_samples, au_training_set, read_au_csv
-from synfer_pipeline.captions.run import CAPTION_COLUMNS, CaptionCache, caption_samples, load_captioner
+from synfer_pipeline.curation.annotate import annotate_samples, au_training_set, read_au_csv
+from synfer_pipeline.curation.captions.run import CAPTION_COLUMNS, CaptionCache, caption_samples, load_captioner
 from synfer_pipeline.config import from_dict, settings_hash
-from synfer_pipeline.datasets import image_member, input_shards, map_shards, map_shards_to_table, open_image, publish_dataset
-from synfer_pipeline.preview import preview_grid
-from synfer_pipeline.shards import iter_shard
-from synfer_pipeline.storage import ArtifactRef, stage_key
-from synfer_pipeline.superres import SuperResSettings, load_upscaler, superresolve_samples
+from synfer_pipeline.io.datasets import image_member, input_shards, map_shards, map_shards_to_table, open_image, publish_dataset
+from synfer_pipeline.io.preview import preview_grid
+from synfer_pipeline.io.shards import iter_shard
+from synfer_pipeline.io.storage import ArtifactRef, stage_key
+from synfer_pipeline.curation.superres import SuperResSettings, load_upscaler, superresolve_samples
 
 GROUP = "curation"
 
@@ -66,7 +66,7 @@ def superres_faces(context: AssetExecutionContext, raw_faces: ArtifactRef, stora
 def au_detector(context: AssetExecutionContext, superres_faces: dict, storage: StorageResource, settings: SettingsResource,
                 compute: ComputeResource):
     """The AU detector: trained here on AU-labelled sources (the profile's `au_detector.train_on`), or a checkpoint."""
-    from synfer_pipeline.au_detector import AUDetector, AUDetectorSettings, train_au_detector
+    from synfer_pipeline.curation.au_detector import AUDetector, AUDetectorSettings, train_au_detector
 
     profile, store = settings.get(), storage.get()
     spec = profile.model("au_detector") or {"kind": "train"}
@@ -114,7 +114,7 @@ def _f1_metadata(metrics: dict) -> dict:
 def au_labels(context: AssetExecutionContext, superres_faces: ArtifactRef, au_detector: ArtifactRef,
               storage: StorageResource, settings: SettingsResource, compute: ComputeResource):
     """An AU vector per image (and each image's reference expression: its label, or the FER classifier's call)."""
-    from synfer_pipeline.au_detector import AUDetector
+    from synfer_pipeline.curation.au_detector import AUDetector
     from synfer_pipeline.fer import load_fer_classifier
 
     profile, store = settings.get(), storage.get()
@@ -142,7 +142,7 @@ def mllm_captions(context: AssetExecutionContext, superres_faces: ArtifactRef, a
                   storage: StorageResource, settings: SettingsResource, compute: ComputeResource):
     """FEText-style captions from the configured multimodal LLM (or the named template captioner), cached per
     model + prompt so that a rerun captions only what is missing."""
-    from synfer_pipeline.datasets import read_table
+    from synfer_pipeline.io.datasets import read_table
 
     profile, store = settings.get(), storage.get()
     captioner = load_captioner(profile.model("captioner"), compute.device, compute.dtype)

@@ -8,11 +8,11 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
 from assets.metadata import preview, ref_metadata
 from resources import SettingsResource, StorageResource
 from synfer_pipeline.config import from_dict
-from synfer_pipeline.datasets import input_shards, open_image, publish_dataset, read_table
-from synfer_pipeline.fetext import SHARD_NAME, FETextSettings, alignment, counts_by, fetext_samples
-from synfer_pipeline.preview import preview_grid
-from synfer_pipeline.shards import iter_shard, read_index, write_shard
-from synfer_pipeline.storage import stage_key
+from synfer_pipeline.io.datasets import input_shards, open_image, publish_dataset, read_table
+from synfer_pipeline.curation.fetext import SHARD_NAME, FETextSettings, alignment, counts_by, fetext_samples
+from synfer_pipeline.io.preview import preview_grid
+from synfer_pipeline.io.shards import iter_shard, read_index, write_shard
+from synfer_pipeline.io.storage import stage_key
 
 
 @asset(io_manager_key="artifact_io", code_version="fetext-1", group_name="curation", kinds={"webdataset", "parquet"},

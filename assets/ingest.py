@@ -6,9 +6,9 @@ from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetE
 from assets.metadata import counts_table, preview, ref_metadata
 from assets.partitions import dataset_partitions
 from resources import SettingsResource, StorageResource
-from synfer_pipeline.ingest import ingest, listing_fingerprint, reject_rate
-from synfer_pipeline.readers import read_source
-from synfer_pipeline.storage import stage_key
+from synfer_pipeline.curation.ingest import ingest, listing_fingerprint, reject_rate
+from synfer_pipeline.curation.readers import read_source
+from synfer_pipeline.io.storage import stage_key
 
 CODE_VERSION = "raw_faces-1"
 

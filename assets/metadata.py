@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 from dagster import MetadataValue
 
-from synfer_pipeline.preview import markdown_image
-from synfer_pipeline.storage import ArtifactRef
+from synfer_pipeline.io.preview import markdown_image
+from synfer_pipeline.io.storage import ArtifactRef
 
 
 def ref_metadata(ref: ArtifactRef) -> dict:

@@ -30,9 +30,9 @@ from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synfer_pipeline.ingest import IngestSettings, ingest, listing_fingerprint  # noqa: E402
-from synfer_pipeline.readers import read_source  # noqa: E402
-from synfer_pipeline.storage import Storage, stage_key  # noqa: E402
+from synfer_pipeline.curation.ingest import IngestSettings, ingest, listing_fingerprint  # noqa: E402
+from synfer_pipeline.curation.readers import read_source  # noqa: E402
+from synfer_pipeline.io.storage import Storage, stage_key  # noqa: E402
 
 FACE_SIZE = 128
 

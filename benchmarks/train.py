@@ -30,9 +30,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from fetext_fixtures import write_toy_fetext  # noqa: E402
 
-from synfer_pipeline.diffusion import TrainSettings, save_tiny_sd, train_unet  # noqa: E402
-from synfer_pipeline.diffusion.data import BatchFeed, StreamSpec  # noqa: E402
-from synfer_pipeline.diffusion.train import load_components  # noqa: E402
+from synfer_pipeline.demo.tiny_sd import save_tiny_sd  # noqa: E402
+from synfer_pipeline.generation.settings import TrainSettings  # noqa: E402
+from synfer_pipeline.generation.train import train_unet  # noqa: E402
+from synfer_pipeline.generation.data import BatchFeed, StreamSpec  # noqa: E402
+from synfer_pipeline.generation.train import load_components  # noqa: E402
 
 BATCH, WARMUP, STEPS = 4, 10, 100
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,7 +12,7 @@ import json
 
 from dagster import AssetRecordsFilter, ConfigurableIOManager, InputContext, MetadataValue, OutputContext
 
-from synfer_pipeline.storage import ArtifactRef
+from synfer_pipeline.io.storage import ArtifactRef
 
 REF_KEY = "artifact_ref"
 

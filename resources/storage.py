@@ -7,7 +7,7 @@ from functools import cached_property
 from dagster import ConfigurableResource
 from pydantic import PrivateAttr
 
-from synfer_pipeline.storage import Storage, s3_storage_options
+from synfer_pipeline.io.storage import Storage, s3_storage_options
 
 
 class StorageResource(ConfigurableResource):

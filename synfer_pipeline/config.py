@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from synfer_pipeline.ingest import IngestSettings
+from synfer_pipeline.curation.ingest import IngestSettings
 from synfer_pipeline.vocab import OPENGRAPHAU_41
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import face_like, jpeg_bytes, png_bytes
 
-from synfer_pipeline.demo_data import RAFDB_CODES as RAFDB_CODE
+from synfer_pipeline.demo.data import RAFDB_CODES as RAFDB_CODE
 
 
 def write_rafdb(root: Path, labels: list[str], test_labels: list[str] = (), corrupt: int = 0, seed: int = 0) -> Path:

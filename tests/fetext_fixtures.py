@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from synfer_pipeline.captions.template import TemplateCaptioner
-from synfer_pipeline.shards import encode_member, shard_urls, write_shard
-from synfer_pipeline.storage import Storage
-from synfer_pipeline.toyfaces import draw_toy_face
+from synfer_pipeline.curation.captions.template import TemplateCaptioner
+from synfer_pipeline.io.shards import encode_member, shard_urls, write_shard
+from synfer_pipeline.io.storage import Storage
+from synfer_pipeline.demo.toyfaces import draw_toy_face
 from synfer_pipeline.vocab import EXPRESSION_INDEX, EXPRESSIONS_7, au_vector
 
 NATIVE_SOURCE, SUPERRES_SOURCE = "ffhq", "affectnet"

@@ -11,9 +11,9 @@ from assets.generator import au_adapter, diffusion_stage1, diffusion_stage2
 from assets.ingest import raw_faces
 from conftest import write_profile
 from synfer_pipeline.config import load_profile
-from synfer_pipeline.demo_data import write_rafdb_layout, write_unlabelled_folder
-from synfer_pipeline.diffusion.tiny import save_tiny_sd
-from synfer_pipeline.wheel_files import fixture_path
+from synfer_pipeline.demo.data import write_rafdb_layout, write_unlabelled_folder
+from synfer_pipeline.demo.tiny_sd import save_tiny_sd
+from synfer_pipeline.demo.wheel_files import fixture_path
 from tiny_models import save_tiny_llava
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ from diffusers import UNet2DConditionModel
 from fetext_fixtures import write_toy_fetext
 from safetensors.torch import load_file
 
-from synfer_pipeline import au_adapter as au_module
-from synfer_pipeline.au_adapter import (
+from synfer_pipeline.generation import au_adapter as au_module
+from synfer_pipeline.generation.au_adapter import (
     ADAPTER_WEIGHTS,
     AUAdapterConfig,
     AUProjection,
@@ -27,9 +27,10 @@ from synfer_pipeline.au_adapter import (
     train_au_adapter,
     unconditional_au,
 )
-from synfer_pipeline.diffusion import sample_grid, weights_version
-from synfer_pipeline.diffusion.settings import TrainSettings
-from synfer_pipeline.diffusion.tiny import save_tiny_sd
+from synfer_pipeline.generation.report import sample_grid
+from synfer_pipeline.generation.train import weights_version
+from synfer_pipeline.generation.settings import TrainSettings
+from synfer_pipeline.demo.tiny_sd import save_tiny_sd
 from synfer_pipeline.vocab import au_vector
 
 CONFIG = AUAdapterConfig(num_tokens=4, hidden_dim=16, au_dropout=0.3)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
-from synfer_pipeline.au_detector import (
+from synfer_pipeline.curation.au_detector import (
     DETECTOR_JSON,
     AUDetector,
     AUDetectorSettings,
@@ -24,7 +24,7 @@ from synfer_pipeline.au_detector import (
     per_au_f1,
     train_au_detector,
 )
-from synfer_pipeline.toyfaces import DRAWN_AUS, draw_toy_face
+from synfer_pipeline.demo.toyfaces import DRAWN_AUS, draw_toy_face
 from synfer_pipeline.vocab import EXPRESSIONS_7, OPENGRAPHAU_41, au_vector
 
 # Measured on one thread (900 faces, 723 train / 177 held out): macro F1 0.84 here, 0.82-0.84 over three data

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from synfer_pipeline.captions import TemplateCaptioner, validate_caption
+from synfer_pipeline.curation.captions import TemplateCaptioner, validate_caption
 from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS
 
 # Words that must appear for each AU given alone (any one of the alternatives the captioner may pick).

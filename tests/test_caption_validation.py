@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from synfer_pipeline.captions import (
+from synfer_pipeline.curation.captions import (
     TemplateCaptioner,
     ValidationRules,
     Verdict,

@@ -12,10 +12,10 @@ from assets.fetext import fetext
 from assets.ingest import raw_faces
 from conftest import write_profile
 from synfer_pipeline.config import load_profile
-from synfer_pipeline.demo_data import write_rafdb_layout, write_unlabelled_folder
-from synfer_pipeline.shards import iter_samples
-from synfer_pipeline.storage import Storage
-from synfer_pipeline.wheel_files import fixture_path
+from synfer_pipeline.demo.data import write_rafdb_layout, write_unlabelled_folder
+from synfer_pipeline.io.shards import iter_samples
+from synfer_pipeline.io.storage import Storage
+from synfer_pipeline.demo.wheel_files import fixture_path
 from tiny_models import save_tiny_llava, save_tiny_swin2sr
 
 PER_DATASET = [raw_faces, superres_faces, au_labels, mllm_captions]

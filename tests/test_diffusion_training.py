@@ -16,11 +16,13 @@ from s3_server import s3_environment
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from synfer_pipeline.diffusion import loop as loop_module
-from synfer_pipeline.diffusion import loss_curve_png, sample_grid, save_tiny_sd, train_unet, weights_version
-from synfer_pipeline.diffusion.data import BatchFeed, StreamSpec, load_image_tensor
-from synfer_pipeline.diffusion.settings import TrainSettings
-from synfer_pipeline.diffusion.tiny import tiny_clip_tokenizer
+from synfer_pipeline.generation import loop as loop_module
+from synfer_pipeline.demo.tiny_sd import save_tiny_sd
+from synfer_pipeline.generation.report import loss_curve_png, sample_grid
+from synfer_pipeline.generation.train import train_unet, weights_version
+from synfer_pipeline.generation.data import BatchFeed, StreamSpec, load_image_tensor
+from synfer_pipeline.generation.settings import TrainSettings
+from synfer_pipeline.demo.tiny_sd import tiny_clip_tokenizer
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -131,7 +133,7 @@ def test_feed_streams_s3_shards_in_the_same_order_as_local_ones(fetext, tmp_path
 def test_noise_loss_regresses_on_the_schedulers_target(base_model, kind):
     from diffusers import DDPMScheduler
 
-    from synfer_pipeline.diffusion.train import NoiseLoss, load_components
+    from synfer_pipeline.generation.train import NoiseLoss, load_components
 
     parts = load_components(base_model)
     scheduler = DDPMScheduler.from_config(parts.noise_scheduler.config, prediction_type=kind)

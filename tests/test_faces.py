@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from synfer_pipeline.faces import Box, crop_face, make_detector
-from synfer_pipeline.wheel_files import fixture_path
+from synfer_pipeline.curation.faces import Box, crop_face, make_detector
+from synfer_pipeline.demo.wheel_files import fixture_path
 
 # The astronaut's face (Eileen Collins) lies around x 170..290, y 40..200 in the 512x512 image.
 ASTRONAUT_FACE_CENTRE = (230, 120)

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 
 from conftest import face_like, jpeg_bytes
-from synfer_pipeline.captions import ValidationRules
-from synfer_pipeline.captions.run import CaptionCache, TemplateRole, caption_samples, load_captioner
-from synfer_pipeline.fetext import alignment, fetext_samples
-from synfer_pipeline.storage import Storage
+from synfer_pipeline.curation.captions import ValidationRules
+from synfer_pipeline.curation.captions.run import CaptionCache, TemplateRole, caption_samples, load_captioner
+from synfer_pipeline.curation.fetext import alignment, fetext_samples
+from synfer_pipeline.io.storage import Storage
 from synfer_pipeline.vocab import OPENGRAPHAU_41
 
 GOOD_HAPPY = ("The woman in the image is displaying a happy facial expression. Her eyes are narrowed and her cheeks are "

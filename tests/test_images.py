@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import face_like, jpeg_bytes, png_bytes
-from synfer_pipeline.images import BadImage, decode_image, pixel_hash
+from synfer_pipeline.io.images import BadImage, decode_image, pixel_hash
 
 
 def _half_red_half_blue(w=80, h=60) -> Image.Image:

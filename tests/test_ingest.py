@@ -11,11 +11,11 @@ from PIL import Image
 from skimage import data
 
 from conftest import face_like, jpeg_bytes, png_bytes
-from synfer_pipeline import ingest as ingest_mod
-from synfer_pipeline.ingest import IngestSettings, ingest, listing_fingerprint, reject_rate
-from synfer_pipeline.readers import read_source
-from synfer_pipeline.shards import iter_samples
-from synfer_pipeline.storage import Storage, stage_key
+from synfer_pipeline.curation import ingest as ingest_mod
+from synfer_pipeline.curation.ingest import IngestSettings, ingest, listing_fingerprint, reject_rate
+from synfer_pipeline.curation.readers import read_source
+from synfer_pipeline.io.shards import iter_samples
+from synfer_pipeline.io.storage import Storage, stage_key
 
 
 def _run(src, store, settings, fmt="folder", run_id="r1"):

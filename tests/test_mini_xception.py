@@ -27,7 +27,7 @@ from synfer_pipeline.fer import (
 )
 from synfer_pipeline.fer.mini_xception import keras_same_padding
 from synfer_pipeline.vocab import EXPRESSIONS, canonical_expression
-from synfer_pipeline.wheel_files import fixture_path
+from synfer_pipeline.demo.wheel_files import fixture_path
 
 # --------------------------------------------------------------------------------------------------------------
 # Plain-numpy Keras reference (channels-last, float64), one function per Keras layer class.

@@ -14,7 +14,7 @@ from conftest import face_like
 from tiny_models import save_tiny_llava
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from synfer_pipeline.captions.mllm import (
+from synfer_pipeline.curation.captions.mllm import (
     DEFAULT_PROMPT,
     CaptionerLoadError,
     GenerationSettings,

@@ -3,7 +3,7 @@
 import pytest
 
 from synfer_pipeline.config import load_profile
-from synfer_pipeline.readers import READERS
+from synfer_pipeline.curation.readers import READERS
 
 
 @pytest.mark.parametrize("name", ["demo", "paper"])

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from conftest import face_like, jpeg_bytes, png_bytes
-from synfer_pipeline.readers import SourceError, read_source
+from synfer_pipeline.curation.readers import SourceError, read_source
 
 
 def _write(path, data: bytes):

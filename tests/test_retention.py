@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from synfer_pipeline.storage import ArtifactRef, Storage, retention_plan
+from synfer_pipeline.io.storage import ArtifactRef, Storage, retention_plan
 
 
 def _publish(store, asset, partition, version):

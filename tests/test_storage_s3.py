@@ -14,7 +14,7 @@ from conftest import write_profile
 from dataset_fixtures import write_rafdb
 from s3_server import s3_environment
 from synfer_pipeline.config import load_profile
-from synfer_pipeline.storage import Storage
+from synfer_pipeline.io.storage import Storage
 
 LABELS = ["happy", "sad", "anger", "neutral", "surprise", "fear", "disgust"]
 

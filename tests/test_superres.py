@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import face_like, jpeg_bytes
-from synfer_pipeline.superres import LanczosUpscaler, SuperResSettings, TransformersUpscaler, load_upscaler, superresolve_samples
+from synfer_pipeline.curation.superres import LanczosUpscaler, SuperResSettings, TransformersUpscaler, load_upscaler, superresolve_samples
 from tiny_models import save_tiny_swin2sr
 
 

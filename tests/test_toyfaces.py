@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synfer_pipeline import toyfaces
-from synfer_pipeline.demo_data import write_demo_data, write_rafdb_layout, write_unlabelled_folder
-from synfer_pipeline.toyfaces import (DEFINING_AUS, DRAWN_AUS, EXTRA_AUS, ToyFace, draw_toy_face, face_geometry,
+from synfer_pipeline.demo import toyfaces
+from synfer_pipeline.demo.data import write_demo_data, write_rafdb_layout, write_unlabelled_folder
+from synfer_pipeline.demo.toyfaces import (DEFINING_AUS, DRAWN_AUS, EXTRA_AUS, ToyFace, draw_toy_face, face_geometry,
                                       render_toy_face, sample_aus)
 from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS_7, OPENGRAPHAU_41, au_vector
 

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from synfer_pipeline.datasets import Sample, image_member, open_image
-from synfer_pipeline.readers import sample_id_for
-from synfer_pipeline.storage import read_uri
+from synfer_pipeline.io.datasets import Sample, image_member, open_image
+from synfer_pipeline.curation.readers import sample_id_for
+from synfer_pipeline.io.storage import read_uri
 
 _AU_TOKEN = re.compile(r"(?:AU)?([LR]?)(\d+)", re.IGNORECASE)
 

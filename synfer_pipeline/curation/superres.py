@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from synfer_pipeline.datasets import Sample, image_member, open_image
-from synfer_pipeline.images import encode_jpeg
+from synfer_pipeline.io.datasets import Sample, image_member, open_image
+from synfer_pipeline.io.images import encode_jpeg
 from synfer_pipeline.torch_utils import resolve_device, resolve_dtype
 
 

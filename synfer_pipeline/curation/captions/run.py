@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 
 import pandas as pd
 
-from synfer_pipeline.captions.template import TemplateCaptioner
-from synfer_pipeline.datasets import Sample, image_member, open_image
-from synfer_pipeline.storage import Storage
+from synfer_pipeline.curation.captions.template import TemplateCaptioner
+from synfer_pipeline.io.datasets import Sample, image_member, open_image
+from synfer_pipeline.io.storage import Storage
 
 CAPTION_COLUMNS = ["key", "sample_id", "caption", "captioner", "cache_key"]
 
@@ -69,7 +69,7 @@ def load_captioner(spec: dict | None, device: str = "cpu", dtype: str = "float32
     if kind == "template":
         return TemplateRole(**spec)
     if kind == "mllm":
-        from synfer_pipeline.captions.mllm import GenerationSettings, MLLMCaptioner
+        from synfer_pipeline.curation.captions.mllm import GenerationSettings, MLLMCaptioner
 
         generation = GenerationSettings(**spec.pop("generation", {}))
         return MLLMRole(MLLMCaptioner.from_pretrained(spec.pop("id"), generation=generation, device=device, dtype=dtype, **spec))

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from synfer_pipeline.captions.validation import ValidationRules, parse_expression, validate_captions
-from synfer_pipeline.datasets import Sample, image_member
+from synfer_pipeline.curation.captions.validation import ValidationRules, parse_expression, validate_captions
+from synfer_pipeline.io.datasets import Sample, image_member
 from synfer_pipeline.vocab import EXPRESSION_INDEX
 
 SHARD_NAME = "fetext"

@@ -12,7 +12,7 @@ import hashlib
 import random
 from collections.abc import Sequence
 
-from ..vocab import canonical_expression
+from synfer_pipeline.vocab import canonical_expression
 
 # Adjective used in "displaying a(n) X facial expression" and noun used in "the expression conveys a sense of X".
 _ADJECTIVE = {

@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from synfer_pipeline import faces
-from synfer_pipeline.images import BadImage, decode_image, encode_jpeg, pixel_hash
-from synfer_pipeline.preview import preview_grid
-from synfer_pipeline.readers import Reject, SourceListing, SourceRecord
-from synfer_pipeline.shards import ShardWriter, iter_shard, read_index
-from synfer_pipeline.storage import ArtifactRef, ArtifactWriter, data_version_of, read_uri, stage_key
+from synfer_pipeline.curation import faces
+from synfer_pipeline.io.images import BadImage, decode_image, encode_jpeg, pixel_hash
+from synfer_pipeline.io.preview import preview_grid
+from synfer_pipeline.curation.readers import Reject, SourceListing, SourceRecord
+from synfer_pipeline.io.shards import ShardWriter, iter_shard, read_index
+from synfer_pipeline.io.storage import ArtifactRef, ArtifactWriter, data_version_of, read_uri, stage_key
 from synfer_pipeline.vocab import EXPRESSION_INDEX
 
 SHARD_NAME = "faces"

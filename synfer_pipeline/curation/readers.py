@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from synfer_pipeline.storage import filesystem_for
+from synfer_pipeline.io.storage import filesystem_for
 from synfer_pipeline.vocab import EXPRESSIONS, UnknownLabelError, canonical_expression
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}

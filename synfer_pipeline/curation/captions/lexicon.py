@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ..vocab import EXPRESSIONS
+from synfer_pipeline.vocab import EXPRESSIONS
 
 # Weight of a word that names the emotion outright; the lighter weights below are cues shared with other classes.
 FULL = 1.0

@@ -14,8 +14,8 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from synfer_pipeline.shards import SHARD_PATTERN, iter_shard, read_index, write_shard
-from synfer_pipeline.storage import ArtifactRef, ArtifactWriter, Storage, data_version_of
+from synfer_pipeline.io.shards import SHARD_PATTERN, iter_shard, read_index, write_shard
+from synfer_pipeline.io.storage import ArtifactRef, ArtifactWriter, Storage, data_version_of
 
 Sample = tuple[str, dict[str, bytes]]                    # (key, {extension: bytes})
 OutSample = tuple[str, Mapping[str, Any], Mapping[str, Any]]  # (key, members, index row)

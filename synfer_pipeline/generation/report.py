@@ -65,7 +65,7 @@ def _grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 
 def _au_embeds(au_vectors, n: int, n_aus: int, cfg: bool, device) -> list[torch.Tensor]:
-    from synfer_pipeline.au_adapter import unconditional_au
+    from synfer_pipeline.generation.au_adapter import unconditional_au
 
     rows = [torch.full((n_aus,), float("nan")) if v is None else torch.as_tensor(v, dtype=torch.float32)
             for v in (au_vectors if au_vectors is not None else [None] * n)]
@@ -103,7 +103,7 @@ def sample_grid(model_dir: str | Path, prompts: list[str], seed: int, steps: int
 
 
 def _adapter_embeds(pipe, folder: Path, au_vectors, n: int, cfg: bool, device) -> list[torch.Tensor]:
-    from synfer_pipeline.au_adapter import BASE_MODEL_JSON, base_unet_sha256, load_au_adapter
+    from synfer_pipeline.generation.au_adapter import BASE_MODEL_JSON, base_unet_sha256, load_au_adapter
 
     base_file = folder / BASE_MODEL_JSON
     if base_file.is_file():

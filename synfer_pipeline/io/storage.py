@@ -89,7 +89,7 @@ class Storage:
         self.root = root.rstrip("/") if protocol != "file" else os.path.abspath(root)
         if protocol == "file":
             os.makedirs(self.root, exist_ok=True)
-        from synfer_pipeline import shards  # registers this filesystem for webdataset's s3:// urls
+        from synfer_pipeline.io import shards  # registers this filesystem for webdataset's s3:// urls
 
         shards.register_filesystem(self.fs, protocol)
 

@@ -23,7 +23,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..vocab import EXPRESSIONS, canonical_expression
+from synfer_pipeline.vocab import EXPRESSIONS, canonical_expression
 from . import lexicon as lx
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoints as ckpt
 from .data import BatchFeed, StreamSpec
-from ..vocab import OPENGRAPHAU_41
+from synfer_pipeline.vocab import OPENGRAPHAU_41
 from .settings import TrainReport, TrainSettings
 
 TRAINABLE_FILE = "trainable.safetensors"

