@@ -31,7 +31,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from synfer_pipeline.config import load_profile
     from synfer_pipeline.demo.data import ensure_demo_data
 
-    for name, path in ensure_demo_data(load_profile(args.profile).stage("demo_data"), force=args.force).items():
+    profile = load_profile(args.profile)
+    if profile.demo_data is None:
+        raise SystemExit(f"profile {profile.path} has no demo_data section: it uses no built-in data")
+    for name, path in ensure_demo_data(profile.demo_data, force=args.force).items():
         print(f"demo data {name}: {path}")
     return 0
 

@@ -12,12 +12,14 @@ from assets.partitions import dataset_partitions
 from resources import ComputeResource, SettingsResource, StorageResource
 from synfer_pipeline.curation.annotate import annotate_samples, au_training_set, read_au_csv
 from synfer_pipeline.curation.captions.run import CAPTION_COLUMNS, CaptionCache, caption_samples, load_captioner
-from synfer_pipeline.config import from_dict, settings_hash
+import dataclasses
+
+from synfer_pipeline.settings import settings_hash
 from synfer_pipeline.io.datasets import image_member, input_shards, map_shards, map_shards_to_table, open_image, publish_dataset
 from synfer_pipeline.io.preview import preview_grid
 from synfer_pipeline.io.shards import iter_shard
 from synfer_pipeline.io.storage import ArtifactRef, stage_key
-from synfer_pipeline.curation.superres import SuperResSettings, load_upscaler, superresolve_samples
+from synfer_pipeline.curation.superres import load_upscaler, superresolve_samples
 
 GROUP = "curation"
 
@@ -44,8 +46,7 @@ def superres_faces(context: AssetExecutionContext, raw_faces: ArtifactRef, stora
     """Faces at the training resolution: low-resolution sources super-resolved, native high-resolution ones untouched."""
     profile, store = settings.get(), storage.get()
     dataset = profile.dataset(context.partition_key)
-    cfg = from_dict(SuperResSettings, profile.stage("superres"))
-    spec = profile.model("superres")
+    cfg, spec = profile.superres, profile.models.superres
     upscaler = load_upscaler(spec, compute.device, compute.dtype)
     writer = store.artifact("superres_faces", dataset.name, stage_key(raw_faces.data_version, cfg, spec, dataset.native_hr))
     index = map_shards(store, raw_faces, "faces", writer, "faces",
@@ -66,17 +67,16 @@ def superres_faces(context: AssetExecutionContext, raw_faces: ArtifactRef, stora
 def au_detector(context: AssetExecutionContext, superres_faces: dict, storage: StorageResource, settings: SettingsResource,
                 compute: ComputeResource):
     """The AU detector: trained here on AU-labelled sources (the profile's `au_detector.train_on`), or a checkpoint."""
-    from synfer_pipeline.curation.au_detector import AUDetector, AUDetectorSettings, train_au_detector
+    from synfer_pipeline.curation.au_detector import AUDetector, AUDetectorCheckpointSpec, train_au_detector
 
     profile, store = settings.get(), storage.get()
-    spec = profile.model("au_detector") or {"kind": "train"}
-    stage = profile.stage("au_detector")
-    if spec["kind"] == "checkpoint":
-        detector = AUDetector.load(spec["id"], compute.device)
-        metrics = {"per_au_f1": {}, "note": f"loaded from {spec['id']}; not evaluated here"}
+    spec, stage = profile.models.au_detector, profile.au_detector
+    if isinstance(spec, AUDetectorCheckpointSpec):
+        detector = AUDetector.load(spec.id, compute.device)
+        metrics = {"per_au_f1": {}, "note": f"loaded from {spec.id}; not evaluated here"}
     else:
         images, targets, keys = [], [], []
-        for name, csv in (stage.get("train_on") or {}).items():
+        for name, csv in stage.train_on.items():
             ds = profile.dataset(name)
             truth = read_au_csv(csv if "://" in csv or csv.startswith("/") else f"{ds.uri}/{csv}", ds.format, ds.name)
             samples = [s for shard in input_shards(store, superres_faces[name], "faces") for s in iter_shard(store, shard)]
@@ -86,7 +86,7 @@ def au_detector(context: AssetExecutionContext, superres_faces: dict, storage: S
             targets.append(t)
         if not images:
             raise ValueError("au_detector: no AU-labelled images (profile au_detector.train_on names none that match)")
-        cfg = from_dict(AUDetectorSettings, {**stage.get("train", {}), "device": compute.device})
+        cfg = dataclasses.replace(stage.train, device=compute.device)
         detector, metrics = train_au_detector(images, np.concatenate(targets), keys, profile.au_names, cfg)
     writer = store.artifact("au_detector", "all", stage_key(spec, stage, {k: r.data_version for k, r in superres_faces.items()}))
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +119,7 @@ def au_labels(context: AssetExecutionContext, superres_faces: ArtifactRef, au_de
 
     profile, store = settings.get(), storage.get()
     detector = AUDetector.load(str(store.local_folder(au_detector.uri)), compute.device)
-    fer_spec = profile.model("fer_reference")
+    fer_spec = profile.models.fer_reference
     fer = load_fer_classifier(fer_spec, compute.device) if fer_spec else None
     writer = store.artifact("au_labels", context.partition_key, stage_key(superres_faces.data_version, au_detector.data_version, fer_spec))
     table = map_shards_to_table(store, superres_faces, "faces", writer, "au_labels",
@@ -145,13 +145,13 @@ def mllm_captions(context: AssetExecutionContext, superres_faces: ArtifactRef, a
     from synfer_pipeline.io.datasets import read_table
 
     profile, store = settings.get(), storage.get()
-    captioner = load_captioner(profile.model("captioner"), compute.device, compute.dtype)
+    captioner = load_captioner(profile.models.captioner, compute.device, compute.dtype)
     contexts = read_table(store, au_labels, "au_labels.parquet").set_index("key")
     cache = CaptionCache(store, store.join("mllm_captions", context.partition_key, "_cache"), captioner.cache_key)
     tables, new = [], 0
     for shard in input_shards(store, superres_faces, "faces"):  # one shard's images in memory at a time
         part, added = caption_samples(list(iter_shard(store, shard)), contexts, captioner, cache,
-                                      int(profile.stage("captions").get("chunk", 64)), context.log.info)
+                                      profile.captions.chunk, context.log.info)
         tables.append(part)
         new += added
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=CAPTION_COLUMNS)

@@ -15,9 +15,9 @@ ASSET_MODULES = [ingest, curation, fetext, generator]
 def build_resources(profile: Profile) -> dict:
     """Resources for a profile; tests call this with their own profile."""
     return {
-        "storage": StorageResource(root=profile.storage_root),
+        "storage": StorageResource(root=profile.storage.root, endpoint_url=profile.storage.endpoint_url),
         "settings": SettingsResource(profile=profile.path),
-        "compute": ComputeResource(**{k: v for k, v in profile.compute.items() if k in ("device", "dtype")}),
+        "compute": ComputeResource(device=profile.compute.device, dtype=profile.compute.dtype),
         "artifact_io": ArtifactIOManager(),
     }
 

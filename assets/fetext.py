@@ -7,9 +7,8 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
 
 from assets.metadata import preview, ref_metadata
 from resources import SettingsResource, StorageResource
-from synfer_pipeline.config import from_dict
 from synfer_pipeline.io.datasets import input_shards, open_image, publish_dataset, read_table
-from synfer_pipeline.curation.fetext import SHARD_NAME, FETextSettings, alignment, counts_by, fetext_samples
+from synfer_pipeline.curation.fetext import SHARD_NAME, alignment, counts_by, fetext_samples
 from synfer_pipeline.io.preview import preview_grid
 from synfer_pipeline.io.shards import iter_shard, read_index, write_shard
 from synfer_pipeline.io.storage import stage_key
@@ -23,8 +22,8 @@ def fetext(context: AssetExecutionContext, superres_faces: dict, au_labels: dict
            storage: StorageResource, settings: SettingsResource):
     """FEText: every dataset's faces joined with AU vectors and validated captions; rejected captions kept with reasons."""
     profile, store = settings.get(), storage.get()
-    cfg = from_dict(FETextSettings, profile.stage("fetext"))
-    rules = cfg.rules()
+    cfg = profile.fetext
+    rules = cfg.validation
     inputs = {f"{asset}/{pk}": ref.summary() for asset, refs in
               (("superres_faces", superres_faces), ("au_labels", au_labels), ("mllm_captions", mllm_captions))
               for pk, ref in sorted(refs.items())}
@@ -63,7 +62,7 @@ def fetext(context: AssetExecutionContext, superres_faces: dict, au_labels: dict
         "alignment_on_labelled_sources": MetadataValue.json(align),
         "preview": preview(store.read_bytes(ref.file("preview.png")), "FEText pairs"),
     })
-    threshold = float(profile.checks.get("max_caption_reject_rate", 0.5))
+    threshold = profile.checks.max_caption_reject_rate
     yield AssetCheckResult(check_name="caption_rejection_rate", passed=rate <= threshold, severity=AssetCheckSeverity.WARN,
                            metadata={"rate": rate, "max_caption_reject_rate": threshold})
 

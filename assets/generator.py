@@ -5,10 +5,10 @@ import json
 from dagster import AssetExecutionContext, DataVersion, MetadataValue, Output, asset
 
 from assets.metadata import preview, ref_metadata
-from resources import ComputeResource, SettingsResource, StorageResource
-from synfer_pipeline.generation.au_adapter import AUAdapterConfig, train_au_adapter
+from resources import SettingsResource, StorageResource
+from synfer_pipeline.generation.au_adapter import train_au_adapter
 from synfer_pipeline.generation.workspace import TrainingWorkspace, lineage_record
-from synfer_pipeline.config import settings_hash
+from synfer_pipeline.settings import settings_hash
 from synfer_pipeline.generation.report import loss_curve_png, sample_grid
 from synfer_pipeline.generation.settings import TrainSettings
 from synfer_pipeline.generation.train import train_unet
@@ -28,18 +28,6 @@ def class_prompts() -> list[str]:
             for e in EXPRESSIONS_7]
 
 
-def _train_settings(profile, compute: ComputeResource, section: str) -> TrainSettings:
-    values = dict(profile.stage("generator").get(section) or {})
-    if "mixed_precision" not in values and compute.device != "cpu":  # follow the compute resource on accelerators
-        values["mixed_precision"] = {"bfloat16": "bf16", "float16": "fp16"}.get(compute.dtype, "no")
-    return TrainSettings.from_mapping(values)
-
-
-def _base_model(profile) -> str:
-    spec = profile.model("base_diffusion")
-    if not spec or not spec.get("id"):
-        raise ValueError(f"profile {profile.path} names no models.base_diffusion.id (a hub id or diffusers folder)")
-    return spec["id"]
 
 
 def _finish(context, workspace: TrainingWorkspace, report, inputs: dict, base: str, settings: TrainSettings,
@@ -83,10 +71,10 @@ def _log(context):
 @asset(io_manager_key="artifact_io", code_version="diffusion_stage1-1", group_name=GROUP, kinds={"pytorch", "diffusers"},
        op_tags=GPU_TAGS, pool="gpu")
 def diffusion_stage1(context: AssetExecutionContext, fetext: ArtifactRef, storage: StorageResource,
-                     settings: SettingsResource, compute: ComputeResource):
+                     settings: SettingsResource):
     """Stage 1: the base diffusion model fine-tuned on all of FEText (learns expression semantics)."""
     profile, store = settings.get(), storage.get()
-    base, cfg = _base_model(profile), _train_settings(profile, compute, "stage1")
+    base, cfg = profile.base_model_id(), profile.generator.stage1
     workspace = TrainingWorkspace(store.artifact("diffusion_stage1", "all", stage_key(fetext.data_version, base, cfg)))
     report = train_unet(cfg, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir, workspace.state_dir,
                         workspace.on_checkpoint, _log(context))
@@ -97,10 +85,10 @@ def diffusion_stage1(context: AssetExecutionContext, fetext: ArtifactRef, storag
 @asset(io_manager_key="artifact_io", code_version="diffusion_stage2-1", group_name=GROUP, kinds={"pytorch", "diffusers"},
        op_tags=GPU_TAGS, pool="gpu")
 def diffusion_stage2(context: AssetExecutionContext, diffusion_stage1: ArtifactRef, fetext: ArtifactRef,
-                     storage: StorageResource, settings: SettingsResource, compute: ComputeResource):
+                     storage: StorageResource, settings: SettingsResource):
     """Stage 2: stage 1 continued on the native high-resolution subsets only (the paper's cure for over-smoothing)."""
     profile, store = settings.get(), storage.get()
-    cfg = _train_settings(profile, compute, "stage2")
+    cfg = profile.generator.stage2
     if not cfg.native_hr_only:
         raise ValueError("generator.stage2 must set native_hr_only: true (stage 2 trains on CelebA-HQ/FFHQ only)")
     base = str(store.local_folder(diffusion_stage1.uri))
@@ -116,12 +104,11 @@ def diffusion_stage2(context: AssetExecutionContext, diffusion_stage1: ArtifactR
 @asset(io_manager_key="artifact_io", code_version="au_adapter-1", group_name=GROUP, kinds={"pytorch", "safetensors"},
        op_tags=GPU_TAGS, pool="gpu")
 def au_adapter(context: AssetExecutionContext, diffusion_stage2: ArtifactRef, fetext: ArtifactRef,
-               storage: StorageResource, settings: SettingsResource, compute: ComputeResource):
+               storage: StorageResource, settings: SettingsResource):
     """AU injection: an MLP maps the AU vector to context tokens entering every cross-attention through their own
     key/value projections; trained with the stage-2 model frozen and AU dropout (a learned "no AU" condition)."""
     profile, store = settings.get(), storage.get()
-    cfg = _train_settings(profile, compute, "au_adapter")
-    adapter = AUAdapterConfig(au_names=profile.au_names, **(profile.stage("generator").get("adapter") or {}))
+    cfg, adapter = profile.generator.au_adapter, profile.adapter_config()
     base = str(store.local_folder(diffusion_stage2.uri))
     workspace = TrainingWorkspace(store.artifact("au_adapter", "all",
                                                  stage_key(diffusion_stage2.data_version, fetext.data_version, cfg, adapter)))

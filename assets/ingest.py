@@ -43,7 +43,7 @@ def raw_faces(context: AssetExecutionContext, storage: StorageResource, settings
         "preview": preview(result.preview_png, f"{dataset.name} crops"),
         "native_hr": dataset.native_hr,
     })
-    threshold = float(profile.checks.get("max_reject_rate", 0.05))
+    threshold = profile.checks.max_reject_rate
     yield AssetCheckResult(
         check_name="reject_rate", passed=rate <= threshold, severity=AssetCheckSeverity.ERROR,
         metadata={"reject_rate": rate, "max_reject_rate": threshold, "reject_reasons": MetadataValue.json(reasons)},

@@ -1,71 +1,193 @@
 """Configuration profiles: YAML files a user edits (`profiles/demo.yaml`, `profiles/paper.yaml`, or their own).
 
 One setting chooses the profile: `SYNFER_PROFILE` (a name under `profiles/` or a path; default `demo`). Values may use
-`${VAR}` and `${VAR:-default}` to read the environment (paths, buckets; never put secrets in a profile). Every model
-role and hyper-parameter lives in the profile; the code only holds the defaults of the dataclasses it fills.
+`${VAR}` and `${VAR:-default}` to read the environment (paths, buckets; never put secrets in a profile).
+
+A profile is parsed by typed models: every section, including those only a GPU machine reads, is validated when the
+profile is loaded, through the same settings classes the library's functions take (each wing declares its own with
+`synfer_pipeline.settings.settings`). Values are coerced where unambiguous (YAML's `1e-4` is a string; it becomes
+the float 0.0001) and checked; an unknown key is an error. `ProfileError` names the file, the key path, the value
+and what was expected, for every faulty key at once.
+
+This module sits below the wings it assembles: it imports their settings classes, and no wing imports it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from synfer_pipeline.curation.au_detector import AUDetectorSettings, AUDetectorSpec, TrainedAUDetectorSpec
+from synfer_pipeline.curation.captions.run import CaptionerSpec, TemplateSpec
+from synfer_pipeline.curation.fetext import FETextSettings
 from synfer_pipeline.curation.ingest import IngestSettings
+from synfer_pipeline.curation.readers import READERS
+from synfer_pipeline.curation.superres import LanczosSpec, SuperResSettings, UpscalerSpec
+from synfer_pipeline.demo.data import DemoDataSettings
+from synfer_pipeline.fer.classifiers import FERSpec
+from synfer_pipeline.generation.au_adapter import AUAdapterConfig
+from synfer_pipeline.generation.settings import TrainSettings
+from synfer_pipeline.torch_utils import DTYPES
 from synfer_pipeline.vocab import OPENGRAPHAU_41
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_AU_NAME = re.compile(r"AU[LR]?\d+")
 
 
-@dataclass(frozen=True)
-class DatasetConfig:
+class ProfileError(ValueError):
+    """A profile that does not parse: the message names the file and every faulty key path."""
+
+
+class Section(BaseModel):
+    """A profile section: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class StorageSection(Section):
+    root: str                      # local folder or s3://bucket/prefix
+    endpoint_url: str | None = None  # S3-compatible endpoint (default: AWS_ENDPOINT_URL)
+
+
+class DatasetConfig(Section):
     """One source dataset: a partition of every per-dataset asset."""
 
     name: str
-    format: str                  # rafdb | affectnet | fer2013 | folder | unlabelled
-    uri: str                     # local path or s3:// url of the source in its own layout
-    native_hr: bool = False      # native high resolution (FFHQ, CelebA-HQ): no super-resolution, used in stage 2
-    options: dict = field(default_factory=dict)  # reader options (e.g. RAF-DB variant, FERPlus csv)
-    ingest: IngestSettings = field(default_factory=IngestSettings)
+    format: Literal[tuple(READERS)]  # type: ignore[valid-type]
+    uri: str                       # local path or s3:// url of the source in its own layout
+    native_hr: bool = False        # native high resolution (FFHQ, CelebA-HQ): no super-resolution, used in stage 2
+    options: dict[str, Any] = Field(default_factory=dict)  # reader options (RAF-DB variant, FERPlus csv...)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
 
 
-@dataclass(frozen=True)
-class Profile:
+class ChecksSection(Section):
+    max_reject_rate: float = Field(0.05, ge=0, le=1)          # raw_faces: share of bad input that fails the check
+    max_caption_reject_rate: float = Field(0.5, ge=0, le=1)   # fetext: share of rejected captions that warns
+
+
+class ComputeSection(Section):
+    device: str = "cpu"            # cpu | cuda | cuda:N | mps | auto
+    dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+
+
+class BaseDiffusionSpec(Section):
+    id: str                        # hub id or local diffusers folder
+
+
+class ModelsSection(Section):
+    """Model roles: a hub id or local path each, or an honest classical/template fallback named as such."""
+
+    superres: UpscalerSpec = Field(default_factory=LanczosSpec)
+    au_detector: AUDetectorSpec = Field(default_factory=TrainedAUDetectorSpec)
+    captioner: CaptionerSpec = Field(default_factory=TemplateSpec)
+    base_diffusion: BaseDiffusionSpec | None = None
+    fer_reference: FERSpec | None = None   # the expression of unlabelled images, for caption validation
+
+
+class AUDetectorSection(Section):
+    train_on: dict[str, str] = Field(default_factory=dict)  # dataset -> AU csv (relative to its uri, or absolute)
+    train: AUDetectorSettings = Field(default_factory=AUDetectorSettings)
+
+
+class CaptionsSection(Section):
+    chunk: int = Field(64, ge=1)   # captions cached every chunk (a killed run loses at most one chunk)
+
+
+class AdapterSection(Section):
+    """The AU adapter's architecture (its AU list is the profile's `action_units`)."""
+
+    num_tokens: int = Field(4, ge=1)
+    hidden_dim: int = Field(256, ge=1)
+    au_dropout: float = Field(0.1, ge=0, le=1)
+    scale: float = 1.0
+
+
+class GeneratorSection(Section):
+    stage1: TrainSettings = Field(default_factory=TrainSettings)
+    stage2: TrainSettings = Field(default_factory=lambda: TrainSettings(native_hr_only=True))
+    au_adapter: TrainSettings = Field(default_factory=TrainSettings)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+
+
+class Profile(Section):
+    """A validated profile. Sections are typed; `dataset(name)` and `model(role)` look things up with clear errors."""
+
     name: str
     path: str
-    storage_root: str
+    storage: StorageSection
     datasets: dict[str, DatasetConfig]
-    checks: dict[str, float]
-    compute: dict[str, Any]
-    models: dict[str, Any]
-    stages: dict[str, dict[str, Any]]  # per-stage hyper-parameters, read by each stage's own settings class
-    raw: dict[str, Any]
+    ingest: IngestSettings = Field(default_factory=IngestSettings)  # defaults for every dataset's ingest
+    checks: ChecksSection = Field(default_factory=ChecksSection)
+    compute: ComputeSection = Field(default_factory=ComputeSection)
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    action_units: tuple[str, ...] = OPENGRAPHAU_41
+    superres: SuperResSettings = Field(default_factory=SuperResSettings)
+    au_detector: AUDetectorSection = Field(default_factory=AUDetectorSection)
+    captions: CaptionsSection = Field(default_factory=CaptionsSection)
+    fetext: FETextSettings = Field(default_factory=FETextSettings)
+    generator: GeneratorSection = Field(default_factory=GeneratorSection)
+    demo_data: DemoDataSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_datasets(cls, raw: Any) -> Any:
+        """Each dataset gets its name and the profile's `ingest` defaults under its own `ingest` overrides."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), dict):
+            return raw
+        defaults = raw.get("ingest") or {}
+        datasets = {}
+        for name, spec in raw["datasets"].items():
+            if isinstance(spec, dict):
+                own = spec.get("ingest") or {}
+                spec = {**spec, "name": name, "ingest": {**defaults, **own} if isinstance(own, dict) else own}
+            datasets[name] = spec
+        return {**raw, "datasets": datasets}
+
+    @field_validator("action_units")
+    @classmethod
+    def _known_au_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [n for n in names if not _AU_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"action unit names must look like AU12 or AUL1; got {bad}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"action units are listed twice: {sorted({n for n in names if names.count(n) > 1})}")
+        return names
+
+    @property
+    def storage_root(self) -> str:
+        return self.storage.root
+
+    @property
+    def au_names(self) -> tuple[str, ...]:
+        """The configured action-unit list (default: OpenGraphAU's 41, in its order)."""
+        return self.action_units
 
     def dataset(self, name: str) -> DatasetConfig:
         if name not in self.datasets:
             raise KeyError(f"dataset {name!r} is not in profile {self.name} ({self.path}); has {sorted(self.datasets)}")
         return self.datasets[name]
 
-    def stage(self, name: str) -> dict[str, Any]:
-        return dict(self.stages.get(name) or {})
+    def model(self, role: str):
+        """A model role's typed spec, or None when the profile leaves it out."""
+        if role not in ModelsSection.model_fields:
+            raise KeyError(f"unknown model role {role!r}; roles: {sorted(ModelsSection.model_fields)}")
+        return getattr(self.models, role)
 
-    def model(self, role: str) -> dict[str, Any] | None:
-        """A model role's entry (`{kind: ..., id: ...}`), or None when the profile leaves it out."""
-        spec = self.models.get(role)
-        return dict(spec) if spec else None
+    def base_model_id(self) -> str:
+        """The base diffusion model (hub id or diffusers folder) that stage 1 fine-tunes."""
+        if self.models.base_diffusion is None:
+            raise ProfileError(f"profile {self.path}: models.base_diffusion.id is missing (a hub id or diffusers folder)")
+        return self.models.base_diffusion.id
 
-    @property
-    def au_names(self) -> tuple[str, ...]:
-        """The configured action-unit list (default: OpenGraphAU's 41, in its order)."""
-        return tuple(self.raw.get("action_units") or OPENGRAPHAU_41)
+    def adapter_config(self) -> AUAdapterConfig:
+        """The AU adapter's configuration: its architecture section and the profile's AU list."""
+        return AUAdapterConfig(au_names=self.au_names, **self.generator.adapter.model_dump())
 
 
 def _expand(value: Any) -> Any:
@@ -89,37 +211,32 @@ def profile_path(name_or_path: str | None = None) -> Path:
     return path
 
 
-def from_dict(cls, values: dict[str, Any] | None):
-    """Fill a dataclass from a mapping, refusing unknown keys (a typo in a profile is an error, not a no-op)."""
-    values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(known))}")
-    return cls(**values)
+def _describe_error(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, dict) or len(repr(value)) < 120 else "{...}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        message = "unknown key (a typo?)"
+    return f"  {where}: {message} (got {shown})"
+
+
+def parse_profile(raw: dict, path: str, name: str | None = None) -> Profile:
+    """Validate a profile mapping (already read from YAML and env-expanded); ProfileError lists every fault."""
+    raw = dict(raw or {})
+    raw.setdefault("name", name or Path(path).stem)
+    raw["path"] = str(path)
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as e:
+        faults = "\n".join(_describe_error(err) for err in e.errors())
+        raise ProfileError(f"profile {path} does not parse ({e.error_count()} fault(s)):\n{faults}") from None
 
 
 def load_profile(name_or_path: str | None = None) -> Profile:
-    """Read and validate a profile; see the module docstring."""
+    """Read, expand and validate a profile; see the module docstring."""
     path = profile_path(name_or_path)
     raw = _expand(yaml.safe_load(path.read_text()) or {})
-    ingest_defaults = raw.get("ingest") or {}
-    datasets = {}
-    for name, spec in (raw.get("datasets") or {}).items():
-        spec = dict(spec)
-        ingest = from_dict(IngestSettings, {**ingest_defaults, **(spec.pop("ingest", None) or {})})
-        datasets[name] = DatasetConfig(name=name, ingest=ingest, **spec)
-    return Profile(
-        name=raw.get("name", path.stem), path=str(path), storage_root=raw["storage"]["root"], datasets=datasets,
-        checks=dict(raw.get("checks") or {}), compute=dict(raw.get("compute") or {}), models=dict(raw.get("models") or {}),
-        stages={k: v for k, v in raw.items()
-                if k not in {"name", "storage", "datasets", "ingest", "checks", "compute", "models", "action_units"}},
-        raw=raw,
-    )
-
-
-def settings_hash(*objects: Any) -> str:
-    """Short hash of settings (dataclasses or plain values), recorded with artifacts for lineage."""
-    def plain(o: Any) -> Any:
-        return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o
-    return hashlib.sha256(json.dumps([plain(o) for o in objects], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    if not isinstance(raw, dict):
+        raise ProfileError(f"profile {path}: the file must hold a mapping of sections, not {type(raw).__name__}")
+    return parse_profile(raw, str(path))

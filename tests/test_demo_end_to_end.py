@@ -39,6 +39,6 @@ def test_synfer_demo_materializes_every_asset_and_partition(tmp_path, monkeypatc
             for pk in partitions.get_partition_keys() if partitions else [None]:
                 assert _latest(instance, key, pk), f"{key.to_user_string()}[{pk}] was not materialized"
         manifest = pd.read_parquet(_latest(instance, AssetKey("raw_faces"), "rafdb").metadata["manifest"].value)
-    spec = profile.stage("demo_data")
-    assert len(manifest) == spec["rafdb_train"] + spec["rafdb_test"]
+    spec = profile.demo_data
+    assert len(manifest) == spec.rafdb_train + spec.rafdb_test
     assert manifest["label"].nunique() == 7

@@ -280,10 +280,10 @@ def test_bf16_autocast_on_cpu_still_saves_float32(tmp_path, base_model, fetext):
 
 def test_settings_reject_unknown_keys_and_bad_values():
     with pytest.raises(ValueError, match="learning_rte"):
-        TrainSettings.from_mapping({"learning_rte": 1e-4})
+        TrainSettings(**{"learning_rte": 1e-4})
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainSettings(mixed_precision="fp8")
-    assert TrainSettings.from_mapping({"sources": ["ffhq"]}).sources == ("ffhq",)
+    assert TrainSettings(sources=["ffhq"]).sources == ("ffhq",)
 
 
 def test_loss_curve_is_a_png_of_the_requested_size():

@@ -69,7 +69,7 @@ def test_lanczos_fallback_is_recorded_as_lanczos():
 
 
 def test_unknown_upscaler_kind_and_missing_model_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown super-resolution kind 'bicubic'"):
+    with pytest.raises(ValueError, match="'bicubic'.*expected tags: 'lanczos', 'transformers', 'diffusers'"):
         load_upscaler({"kind": "bicubic"})
     with pytest.raises(OSError, match=str(tmp_path / "nope")):
         load_upscaler({"kind": "transformers", "id": str(tmp_path / "nope"), "local_files_only": True})

@@ -18,15 +18,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import Field
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
 from transformers.utils import cached_file
 
 from synfer_pipeline.vocab import OPENGRAPHAU_41
+from synfer_pipeline.settings import settings
 
 TINY_BACKBONE = "tiny-resnet"
 DETECTOR_JSON = "synfer_au_detector.json"
@@ -34,7 +37,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass(frozen=True)
+@settings
 class AUDetectorSettings:
     """Hyper-parameters of the AU detector (configuration, not code).
 
@@ -57,6 +60,24 @@ class AUDetectorSettings:
     augment: bool = True
     pos_weight: bool = False
     device: str = "cpu"
+
+
+@settings
+class TrainedAUDetectorSpec:
+    """The detector is trained by the pipeline on the profile's `au_detector.train_on` sources."""
+
+    kind: Literal["train"] = "train"
+
+
+@settings
+class AUDetectorCheckpointSpec:
+    """A detector folder saved by `AUDetector.save` (local path or hub id)."""
+
+    id: str
+    kind: Literal["checkpoint"] = "checkpoint"
+
+
+AUDetectorSpec = Annotated[TrainedAUDetectorSpec | AUDetectorCheckpointSpec, Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,19 +19,17 @@ import pandas as pd
 from synfer_pipeline.curation.captions.validation import ValidationRules, parse_expression, validate_captions
 from synfer_pipeline.io.datasets import Sample, image_member
 from synfer_pipeline.vocab import EXPRESSION_INDEX
+from synfer_pipeline.settings import settings
 
 SHARD_NAME = "fetext"
 
 
-@dataclass(frozen=True)
+@settings
 class FETextSettings:
-    validation: dict = field(default_factory=dict)  # ValidationRules fields (word bounds, repetition...)
+    validation: ValidationRules = field(default_factory=ValidationRules)  # word bounds, repetition, expression...
     validate: bool = True    # False keeps every non-empty caption (the paper's "without validation" ablation);
                              # the verdicts are still recorded in the report
     preview: int = 16
-
-    def rules(self) -> ValidationRules:
-        return ValidationRules(**self.validation)
 
 
 def fetext_samples(samples: Sequence[Sample], annotations: pd.DataFrame, captions: pd.DataFrame, au_names: Sequence[str],

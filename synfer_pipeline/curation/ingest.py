@@ -28,12 +28,13 @@ from synfer_pipeline.curation.readers import Reject, SourceListing, SourceRecord
 from synfer_pipeline.io.shards import ShardWriter, iter_shard, read_index
 from synfer_pipeline.io.storage import ArtifactRef, ArtifactWriter, data_version_of, read_uri, stage_key
 from synfer_pipeline.vocab import EXPRESSION_INDEX
+from synfer_pipeline.settings import settings
 
 SHARD_NAME = "faces"
 NOT_BAD_INPUT = {"excluded_label"}  # filtered by design (AffectNet none/uncertain/no-face), not bad input
 
 
-@dataclass(frozen=True)
+@settings
 class IngestSettings:
     """How a source becomes face crops (per dataset; defaults come from the profile)."""
 

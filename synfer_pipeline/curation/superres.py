@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Annotated, Literal, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field, TypeAdapter
 
 from synfer_pipeline.io.datasets import Sample, image_member, open_image
 from synfer_pipeline.io.images import encode_jpeg
 from synfer_pipeline.torch_utils import resolve_device, resolve_dtype
+from synfer_pipeline.settings import settings
 
 
-@dataclass(frozen=True)
+@settings
 class SuperResSettings:
     resolution: int = 512     # side of every output image, pixels (the diffusion training resolution)
     batch_size: int = 8
@@ -113,17 +114,47 @@ class DiffusersUpscaler:
         return {"kind": "diffusers", "model": self.model_id, "prompt": self.prompt, "steps": self.steps}
 
 
-def load_upscaler(spec: dict | None, device: str = "cpu", dtype: str = "float32") -> Upscaler:
-    """The `superres` model role from its profile entry (see the module docstring)."""
-    spec = dict(spec or {"kind": "lanczos"})
-    kind = spec.pop("kind", "lanczos")
-    if kind == "lanczos":
-        return LanczosUpscaler()
-    if kind == "transformers":
-        return TransformersUpscaler(spec.pop("id"), device, dtype, **spec)
-    if kind == "diffusers":
-        return DiffusersUpscaler(spec.pop("id"), device, dtype, **spec)
-    raise ValueError(f"unknown super-resolution kind {kind!r}; choose transformers, diffusers or lanczos")
+@settings
+class LanczosSpec:
+    """No model: classical resampling, named as such in every record."""
+
+    kind: Literal["lanczos"] = "lanczos"
+
+
+@settings
+class TransformersSRSpec:
+    """A Swin2SR-family model by hub id or local folder."""
+
+    id: str
+    kind: Literal["transformers"] = "transformers"
+    local_files_only: bool = False
+
+
+@settings
+class DiffusersSRSpec:
+    """A diffusers upscaling pipeline by hub id or local folder, conditioned by a fixed prompt."""
+
+    id: str
+    kind: Literal["diffusers"] = "diffusers"
+    prompt: str = "a photo of a face"
+    steps: int = Field(20, ge=1)
+    seed: int = 0
+    local_files_only: bool = False
+
+
+UpscalerSpec = Annotated[LanczosSpec | TransformersSRSpec | DiffusersSRSpec, Field(discriminator="kind")]
+_UPSCALER_SPEC = TypeAdapter(UpscalerSpec)
+
+
+def load_upscaler(spec: UpscalerSpec | dict | None, device: str = "cpu", dtype: str = "float32") -> Upscaler:
+    """The `superres` model role from its profile entry (see the module docstring); a dict is validated first."""
+    spec = _UPSCALER_SPEC.validate_python(spec if spec is not None else {"kind": "lanczos"})
+    if isinstance(spec, TransformersSRSpec):
+        return TransformersUpscaler(spec.id, device, dtype, local_files_only=spec.local_files_only)
+    if isinstance(spec, DiffusersSRSpec):
+        return DiffusersUpscaler(spec.id, device, dtype, prompt=spec.prompt, steps=spec.steps, seed=spec.seed,
+                                 local_files_only=spec.local_files_only)
+    return LanczosUpscaler()
 
 
 def superresolve_samples(samples: list[Sample], upscaler: Upscaler, settings: SuperResSettings, native_hr: bool):

@@ -10,9 +10,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
 from synfer_pipeline.curation.readers import RAFDB_CODES as _RAFDB_NAMES
 from synfer_pipeline.demo.toyfaces import draw_toy_face
+from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import EXPRESSIONS_7
 
 RAFDB_CODES: dict[str, int] = {name: code for code, name in _RAFDB_NAMES.items()}
@@ -103,9 +105,20 @@ def write_demo_data(root: Path, seed: int = 0, n_train: int = 140, n_test: int =
             "ffhq": write_unlabelled_folder(root / "ffhq", n_hr, size=256, seed=seed + 1)}
 
 
-def ensure_demo_data(spec: dict, force: bool = False) -> dict[str, Path]:
+@settings
+class DemoDataSettings:
+    """The profile's `demo_data` section: where the toy data goes, its seed and its sizes (faces per split)."""
+
+    root: str
+    seed: int = 0
+    rafdb_train: int = Field(140, ge=7)
+    rafdb_test: int = Field(70, ge=7)
+    ffhq: int = Field(112, ge=7)
+
+
+def ensure_demo_data(spec: DemoDataSettings, force: bool = False) -> dict[str, Path]:
     """Write the demo data described by a profile's `demo_data` section unless it is already complete."""
-    root = Path(spec["root"])
+    root = Path(spec.root)
     marker = root / "COMPLETE"
     paths = {"rafdb": root / "rafdb", "ffhq": root / "ffhq", "tiny-sd": root / "tiny-sd"}
     if marker.exists() and not force:
@@ -115,10 +128,9 @@ def ensure_demo_data(spec: dict, force: bool = False) -> dict[str, Path]:
     for path in paths.values():
         shutil.rmtree(path, ignore_errors=True)  # an incomplete earlier write (no COMPLETE marker)
     del paths["tiny-sd"]
-    paths = write_demo_data(root, seed=int(spec.get("seed", 0)), n_train=int(spec["rafdb_train"]),
-                            n_test=int(spec["rafdb_test"]), n_hr=int(spec["ffhq"]))
+    paths = write_demo_data(root, seed=spec.seed, n_train=spec.rafdb_train, n_test=spec.rafdb_test, n_hr=spec.ffhq)
     from synfer_pipeline.demo.tiny_sd import save_tiny_sd  # the demo's base model: tiny, random, built from configs
 
-    paths["tiny-sd"] = save_tiny_sd(root / "tiny-sd", seed=int(spec.get("seed", 0)))
+    paths["tiny-sd"] = save_tiny_sd(root / "tiny-sd", seed=spec.seed)
     marker.write_text("written by synfer demo-data\n")
     return paths

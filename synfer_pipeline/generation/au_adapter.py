@@ -37,13 +37,14 @@ from synfer_pipeline.generation.train import (
     write_folder_atomically,
 )
 from synfer_pipeline.vocab import OPENGRAPHAU_41
+from synfer_pipeline.settings import settings
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "au_adapter.safetensors", "au_adapter.json"
 BASE_MODEL_TXT, BASE_MODEL_JSON = "base_model.txt", "base_model.json"
 FORMAT = "synfer-au-adapter/1"
 
 
-@dataclass(frozen=True)
+@settings
 class AUAdapterConfig:
     """au_names: the AU vector's entries in order; num_tokens: context tokens per image; hidden_dim: MLP width;
     cross_attention_dim: token width (None: the UNet's cross_attention_dim, which it must equal); scale: weight of
@@ -57,7 +58,6 @@ class AUAdapterConfig:
     au_dropout: float = 0.1
 
     def __post_init__(self):
-        object.__setattr__(self, "au_names", tuple(self.au_names))
         if not 0.0 <= self.au_dropout <= 1.0:
             raise ValueError(f"au_dropout {self.au_dropout} is not a probability")
 

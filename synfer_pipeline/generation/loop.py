@@ -29,10 +29,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from . import checkpoints as ckpt
-from .data import BatchFeed, StreamSpec
+from synfer_pipeline.generation import checkpoints as ckpt
+from synfer_pipeline.generation.data import BatchFeed, StreamSpec
+from synfer_pipeline.generation.settings import TrainReport, TrainSettings
+from synfer_pipeline.torch_utils import weight_dtype
 from synfer_pipeline.vocab import OPENGRAPHAU_41
-from .settings import TrainReport, TrainSettings
 
 TRAINABLE_FILE = "trainable.safetensors"
 _BATCH_TENSORS = ("pixel_values", "input_ids", "au", "au_dropped", "labels")
@@ -76,10 +77,6 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
     """The random generator of one micro-batch: noise, timesteps and VAE sampling depend only on these numbers."""
     digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{rank}".encode(), digest_size=8).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "big") & (2**63 - 1))
-
-
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -273,7 +270,7 @@ class _Run:
 def _setup(settings: TrainSettings, job: TrainJob, shard_urls: list[str], state_dir: Path) -> _Run:
     """Accelerator, devices, optimizer, schedule, EMA, and the state of the latest checkpoint if there is one."""
     accelerator = _make_accelerator(settings)
-    device, dtype = accelerator.device, _weight_dtype(settings.mixed_precision)
+    device, dtype = accelerator.device, weight_dtype(settings.mixed_precision)
     for module in job.frozen:
         module.requires_grad_(False)
         module.to(device)

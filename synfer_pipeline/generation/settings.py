@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from diffusers.optimization import SchedulerType
 
+from synfer_pipeline.settings import settings
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
-@dataclass(frozen=True)
+@settings
 class TrainSettings:
     """Hyper-parameters of one fine-tuning run (UNet stage 1 or 2, or the AU adapter).
 
@@ -75,17 +75,6 @@ class TrainSettings:
             raise ValueError(f"caption_dropout {self.caption_dropout} is not a probability")
         if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
             raise ValueError("checkpointing_steps must be None or at least 1")
-        if self.sources is not None:
-            object.__setattr__(self, "sources", tuple(self.sources))  # lists from YAML become hashable tuples
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> TrainSettings:
-        """Settings from a profile section; unknown keys are an error (a typo must not be silently ignored)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

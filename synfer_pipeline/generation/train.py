@@ -24,8 +24,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.training_utils import compute_snr
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .loop import TrainJob, run_training
-from .settings import TrainReport, TrainSettings
+from synfer_pipeline.generation.loop import TrainJob, run_training
+from synfer_pipeline.generation.settings import TrainReport, TrainSettings
 
 __all__ = ["SDComponents", "NoiseLoss", "TrainReport", "TrainSettings", "from_main_process", "load_components",
            "train_unet", "weights_version", "write_folder_atomically"]

@@ -24,6 +24,8 @@ from typing import IO, Any
 
 import fsspec
 
+from synfer_pipeline.settings import plain
+
 REF_FILE = "ref.json"
 STAGING = "_staging"
 
@@ -250,8 +252,8 @@ class ArtifactWriter:
 
 
 def stage_key(*parts: Any) -> str:
-    """A short stable key for work in progress, from JSON-serialisable parts (inputs, settings, code version)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short stable key for work in progress, from its parts (inputs, settings objects, code version)."""
+    return hashlib.sha256(json.dumps(plain(list(parts)), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def data_version_of(lines: Iterator[str] | list[str]) -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from synfer_pipeline.settings import settings
+
 # FEText captions (supplementary Fig. 4) open with the expression, walk through the face part by part and close
 # with what the expression conveys; the prompt asks for exactly that order.
 DEFAULT_PROMPT = (
@@ -37,7 +39,7 @@ class CaptionerLoadError(OSError):
     """The captioning model or its processor cannot be loaded or used (the message names the model)."""
 
 
-@dataclass(frozen=True)
+@settings
 class GenerationSettings:
     """How captions are decoded. Greedy by default (do_sample=False), which makes captions reproducible.
 

@@ -14,12 +14,17 @@ import io
 import json
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import field
+from typing import Annotated, Literal
 
 import pandas as pd
+from pydantic import Field, TypeAdapter
 
+from synfer_pipeline.curation.captions.mllm import DEFAULT_PROMPT, GenerationSettings
 from synfer_pipeline.curation.captions.template import TemplateCaptioner
 from synfer_pipeline.io.datasets import Sample, image_member, open_image
 from synfer_pipeline.io.storage import Storage
+from synfer_pipeline.settings import settings
 
 CAPTION_COLUMNS = ["key", "sample_id", "caption", "captioner", "cache_key"]
 
@@ -62,18 +67,41 @@ class MLLMRole:
         return self.captioner.caption(images)
 
 
-def load_captioner(spec: dict | None, device: str = "cpu", dtype: str = "float32"):
-    """The captioner role from its profile entry."""
-    spec = dict(spec or {})
-    kind = spec.pop("kind", None)
-    if kind == "template":
-        return TemplateRole(**spec)
-    if kind == "mllm":
-        from synfer_pipeline.curation.captions.mllm import GenerationSettings, MLLMCaptioner
+@settings
+class TemplateSpec:
+    """The template captioner (demo): writes from each image's expression and AUs."""
 
-        generation = GenerationSettings(**spec.pop("generation", {}))
-        return MLLMRole(MLLMCaptioner.from_pretrained(spec.pop("id"), generation=generation, device=device, dtype=dtype, **spec))
-    raise ValueError(f"captioner kind must be 'mllm' or 'template', not {kind!r}")
+    kind: Literal["template"] = "template"
+    seed: int = 0
+    subject: str = "person"
+
+
+@settings
+class MLLMSpec:
+    """A multimodal LLM by hub id or local folder (`AutoModelForImageTextToText` + `AutoProcessor`)."""
+
+    id: str
+    kind: Literal["mllm"] = "mllm"
+    prompt: str = DEFAULT_PROMPT
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    local_files_only: bool = False
+    trust_remote_code: bool = False  # never on by default: it runs the checkpoint's own Python code
+
+
+CaptionerSpec = Annotated[TemplateSpec | MLLMSpec, Field(discriminator="kind")]
+_CAPTIONER_SPEC = TypeAdapter(CaptionerSpec)
+
+
+def load_captioner(spec: CaptionerSpec | dict, device: str = "cpu", dtype: str = "float32"):
+    """The captioner role from its profile entry (a dict is validated first)."""
+    spec = _CAPTIONER_SPEC.validate_python(spec)
+    if isinstance(spec, TemplateSpec):
+        return TemplateRole(spec.seed, spec.subject)
+    from synfer_pipeline.curation.captions.mllm import MLLMCaptioner
+
+    return MLLMRole(MLLMCaptioner.from_pretrained(spec.id, prompt=spec.prompt, generation=spec.generation, device=device,
+                                                  dtype=dtype, local_files_only=spec.local_files_only,
+                                                  trust_remote_code=spec.trust_remote_code))
 
 
 class CaptionCache:

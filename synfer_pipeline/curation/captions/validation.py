@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from synfer_pipeline.vocab import EXPRESSIONS, canonical_expression
 from . import lexicon as lx
+from synfer_pipeline.settings import settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,7 @@ class ParsedExpression:
     evidence: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@settings
 class ValidationRules:
     """Thresholds of caption validation; defaults suit FEText-style captions (~60-120 words).
 
