@@ -93,10 +93,9 @@ def cmd_retention(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     from dagster import DagsterInstance
 
+    from assets.lineage import latest_uris
     from synfer_pipeline.config import load_profile
     from synfer_pipeline.io.storage import Storage, retention_plan
-
-    from assets.lineage import latest_uris
 
     storage = Storage(load_profile(args.profile).storage_root)
     with DagsterInstance.get() as instance:

@@ -1,7 +1,9 @@
 """FEText curation per dataset: super-resolution, the AU detector, AU labels, MLLM captions."""
 
+import dataclasses
 import json
 import tempfile
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -12,16 +14,22 @@ from assets.partitions import dataset_partitions
 from resources import ComputeResource, SettingsResource, StorageResource
 from synfer_pipeline.curation.annotate import annotate_samples, au_training_set, read_au_csv
 from synfer_pipeline.curation.captions.run import CAPTION_COLUMNS, CaptionCache, caption_samples, load_captioner
-import dataclasses
-
-from synfer_pipeline.settings import settings_hash
-from synfer_pipeline.io.datasets import image_member, input_shards, map_shards, map_shards_to_table, open_image, publish_dataset
+from synfer_pipeline.curation.superres import load_upscaler, superresolve_samples
+from synfer_pipeline.io.datasets import (
+    image_member,
+    input_shards,
+    map_shards,
+    map_shards_to_table,
+    open_image,
+    publish_dataset,
+)
 from synfer_pipeline.io.preview import preview_grid
 from synfer_pipeline.io.shards import iter_shard
 from synfer_pipeline.io.storage import ArtifactRef, stage_key
-from synfer_pipeline.curation.superres import load_upscaler, superresolve_samples
+from synfer_pipeline.io.versions import model_fingerprint
 
 GROUP = "curation"
+AU_DETECTOR_VERSION = "au_detector-2"
 
 
 def _output(ref: ArtifactRef, metadata: dict) -> Output:
@@ -62,40 +70,45 @@ def superres_faces(context: AssetExecutionContext, raw_faces: ArtifactRef, stora
     })
 
 
-@asset(io_manager_key="artifact_io", code_version="au_detector-1", group_name=GROUP, kinds={"pytorch"},
+@asset(io_manager_key="artifact_io", code_version=AU_DETECTOR_VERSION, group_name=GROUP, kinds={"pytorch"},
        ins={"superres_faces": AssetIn()}, op_tags={"synfer/gpu": "optional"})
 def au_detector(context: AssetExecutionContext, superres_faces: dict, storage: StorageResource, settings: SettingsResource,
                 compute: ComputeResource):
-    """The AU detector: trained here on AU-labelled sources (the profile's `au_detector.train_on`), or a checkpoint."""
+    """The AU detector: trained here on AU-labelled sources (the profile's `au_detector.train_on`), or a checkpoint.
+    Its data version is its content (weights and what turns them into AU calls), wherever it came from."""
     from synfer_pipeline.curation.au_detector import AUDetector, AUDetectorCheckpointSpec, train_au_detector
 
     profile, store = settings.get(), storage.get()
     spec, stage = profile.models.au_detector, profile.au_detector
+    outside: Counter = Counter()
     if isinstance(spec, AUDetectorCheckpointSpec):
         detector = AUDetector.load(spec.id, compute.device)
         metrics = {"per_au_f1": {}, "note": f"loaded from {spec.id}; not evaluated here"}
+        source = model_fingerprint(spec.id)  # new weights at the same path are new work, not a resume
     else:
         images, targets, keys = [], [], []
         for name, csv in stage.train_on.items():
             ds = profile.dataset(name)
             truth = read_au_csv(csv if "://" in csv or csv.startswith("/") else f"{ds.uri}/{csv}", ds.format, ds.name)
             samples = [s for shard in input_shards(store, superres_faces[name], "faces") for s in iter_shard(store, shard)]
-            i, t, k = au_training_set(samples, truth, profile.au_names)
-            images += i
-            keys += k
+            i, t, k, dropped = au_training_set(samples, truth, profile.au_names)
+            images, keys, outside = images + i, keys + k, outside + Counter(dropped)
             targets.append(t)
         if not images:
             raise ValueError("au_detector: no AU-labelled images (profile au_detector.train_on names none that match)")
         cfg = dataclasses.replace(stage.train, device=compute.device)
         detector, metrics = train_au_detector(images, np.concatenate(targets), keys, profile.au_names, cfg)
-    writer = store.artifact("au_detector", "all", stage_key(spec, stage, {k: r.data_version for k, r in superres_faces.items()}))
+        source = {k: r.data_version for k, r in superres_faces.items()}
+    writer = store.artifact("au_detector", "all", stage_key(AU_DETECTOR_VERSION, spec, stage, profile.au_names, source))
     with tempfile.TemporaryDirectory() as tmp:
         detector.save(tmp)
+        version = AUDetector.version(tmp)
         store.put_folder(tmp, writer.staging)
-    ref = publish_dataset(writer, {}, context.run_id, {"train_images": int(metrics.get("n_train", 0))},
-                          {f"superres_faces/{k}": r.summary() for k, r in superres_faces.items()},
-                          version_lines=[settings_hash(spec, stage, metrics.get("per_au_f1", {}))])
-    return _output(ref, _f1_metadata(metrics))
+    ref = writer.publish(ArtifactRef("au_detector", "all", writer.staging, version,
+                                     {"train_images": int(metrics.get("n_train", 0))}, context.run_id,
+                                     {f"superres_faces/{k}": r.summary() for k, r in superres_faces.items()}))
+    return _output(ref, {**_f1_metadata(metrics), "source": spec.id if isinstance(spec, AUDetectorCheckpointSpec)
+                         else "trained", "truth_aus_outside_the_au_list": MetadataValue.json(dict(outside))})
 
 
 def _f1_metadata(metrics: dict) -> dict:

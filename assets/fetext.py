@@ -1,14 +1,22 @@
 """fetext: validated image / caption / AU / label quadruples from every source dataset, the training set of the generator."""
 
 import pandas as pd
-
-from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, AssetIn, DataVersion,
-                     MetadataValue, Output, asset)
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetIn,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+)
 
 from assets.metadata import preview, ref_metadata
 from resources import SettingsResource, StorageResource
-from synfer_pipeline.io.datasets import input_shards, open_image, publish_dataset, read_table
 from synfer_pipeline.curation.fetext import SHARD_NAME, alignment, counts_by, fetext_samples
+from synfer_pipeline.io.datasets import input_shards, open_image, publish_dataset, read_table
 from synfer_pipeline.io.preview import preview_grid
 from synfer_pipeline.io.shards import iter_shard, read_index, write_shard
 from synfer_pipeline.io.storage import stage_key

@@ -7,14 +7,14 @@ from dagster import AssetExecutionContext, DataVersion, MetadataValue, Output, a
 from assets.metadata import preview, ref_metadata
 from resources import SettingsResource, StorageResource
 from synfer_pipeline.generation.au_adapter import train_au_adapter
-from synfer_pipeline.generation.workspace import TrainingWorkspace, lineage_record
-from synfer_pipeline.settings import settings_hash
 from synfer_pipeline.generation.report import loss_curve_png, sample_grid
 from synfer_pipeline.generation.settings import TrainSettings
 from synfer_pipeline.generation.train import train_unet
+from synfer_pipeline.generation.workspace import TrainingWorkspace, lineage_record
 from synfer_pipeline.io.images import encode_png
 from synfer_pipeline.io.shards import shard_urls
 from synfer_pipeline.io.storage import ArtifactRef, stage_key
+from synfer_pipeline.settings import settings_hash
 from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS_7, au_vector
 
 GROUP = "generator"

@@ -1,7 +1,16 @@
 """raw_faces: each source dataset in its own layout -> face crops in WebDataset shards + a Parquet manifest."""
 
 
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, DataVersion, MetadataValue, Output, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+)
 
 from assets.metadata import counts_table, preview, ref_metadata
 from assets.partitions import dataset_partitions

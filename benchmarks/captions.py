@@ -26,11 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "tests"))  # the tiny checkpoint builders live with the tests
 
+from tiny_models import save_tiny_llava  # noqa: E402
+
 from synfer_pipeline.curation.captions import TemplateCaptioner, validate_captions  # noqa: E402
 from synfer_pipeline.curation.captions.mllm import GenerationSettings, MLLMCaptioner  # noqa: E402
 from synfer_pipeline.demo.toyfaces import draw_toy_face  # noqa: E402
 from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS_7  # noqa: E402
-from tiny_models import save_tiny_llava  # noqa: E402
 
 # FEText-like sentences that a multimodal LLM adds around the face description (supplementary Fig. 4 style).
 _EXTRA_SENTENCES = (

@@ -31,10 +31,12 @@ import torch.nn.functional as F  # noqa: E402
 from fetext_fixtures import write_toy_fetext  # noqa: E402
 
 from synfer_pipeline.demo.tiny_sd import save_tiny_sd  # noqa: E402
-from synfer_pipeline.generation.settings import TrainSettings  # noqa: E402
-from synfer_pipeline.generation.train import train_unet  # noqa: E402
 from synfer_pipeline.generation.data import BatchFeed, StreamSpec  # noqa: E402
-from synfer_pipeline.generation.train import load_components  # noqa: E402
+from synfer_pipeline.generation.settings import TrainSettings  # noqa: E402
+from synfer_pipeline.generation.train import (
+    load_components,  # noqa: E402
+    train_unet,  # noqa: E402
+)
 
 BATCH, WARMUP, STEPS = 4, 10, 100
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,7 +49,7 @@ def _sync() -> None:
 
 def in_memory_batches(urls: list[str], tokenizer) -> list[dict]:
     """Every sample of the shards decoded once into (pixel_values, input_ids) batches of BATCH, on DEVICE."""
-    spec = StreamSpec(tuple(urls), resolution=64, batch_size=BATCH, shuffle_buffer=1)
+    spec = StreamSpec(tuple(urls), resolution=64, batch_size=BATCH)
     feed = BatchFeed(spec, tokenizer)
     batches = []
     for batch in feed:
@@ -94,7 +96,7 @@ def ours_steps_per_s(base: str, urls: list[str], work: Path, run: int, workers: 
     """`train_unet` from the shards; steps/s from the end of warm-up step WARMUP to the last step."""
     stamps: dict[int, float] = {}
     settings = TrainSettings(resolution=64, train_batch_size=BATCH, max_train_steps=WARMUP + STEPS,
-                             learning_rate=1e-4, lr_warmup_steps=5, checkpointing_steps=None, shuffle_buffer=16,
+                             learning_rate=1e-4, lr_warmup_steps=5, checkpointing_steps=None,
                              dataloader_num_workers=workers, max_grad_norm=max_grad_norm)
     # log runs after each step's loss reached the host, so its timestamps are synchronised with the device
     train_unet(settings, urls, base, work / f"out{run}", work / f"state{run}",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
-
 from dagster import ConfigurableResource
 from pydantic import PrivateAttr
 

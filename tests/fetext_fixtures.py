@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from synfer_pipeline.curation.captions.template import TemplateCaptioner
+from synfer_pipeline.demo.toyfaces import draw_toy_face
 from synfer_pipeline.io.shards import encode_member, shard_urls, write_shard
 from synfer_pipeline.io.storage import Storage
-from synfer_pipeline.demo.toyfaces import draw_toy_face
-from synfer_pipeline.vocab import EXPRESSION_INDEX, EXPRESSIONS_7, au_vector
+from synfer_pipeline.vocab import EXPRESSION_INDEX, EXPRESSIONS_7, OPENGRAPHAU_41, au_vector
 
 NATIVE_SOURCE, SUPERRES_SOURCE = "ffhq", "affectnet"
 
@@ -34,7 +34,8 @@ def toy_fetext_samples(n: int, size: int = 64, seed: int = 0, native_every: int 
         buf = io.BytesIO()
         face.image.save(buf, format="JPEG", quality=92)
         meta = {"sample_id": key, "source": source, "label": expression, "native_hr": native,
-                "aus": list(face.aus), "au_vector": [float(v) for v in au_vector(face.aus)]}
+                "aus": list(face.aus), "au_names": list(OPENGRAPHAU_41),
+                "au_vector": [float(v) for v in au_vector(face.aus)]}
         members = {"jpg": buf.getvalue(), "txt": captioner.caption(expression, face.aus, key=key), "json": meta,
                    "cls": EXPRESSION_INDEX[expression]}
         yield key, {ext: encode_member(ext, v) for ext, v in members.items()}, {"source": source, "native_hr": native}

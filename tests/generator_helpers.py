@@ -2,24 +2,24 @@
 
 from pathlib import Path
 
+from conftest import write_profile
 from dagster import AssetKey, AssetRecordsFilter, materialize
+from tiny_models import save_tiny_llava
 
 from assets.curation import au_detector, au_labels, mllm_captions, superres_faces
 from assets.definitions import build_resources
 from assets.fetext import fetext
 from assets.generator import au_adapter, diffusion_stage1, diffusion_stage2
 from assets.ingest import raw_faces
-from conftest import write_profile
 from synfer_pipeline.config import load_profile
 from synfer_pipeline.demo.data import write_rafdb_layout, write_unlabelled_folder
 from synfer_pipeline.demo.tiny_sd import save_tiny_sd
 from synfer_pipeline.demo.wheel_files import fixture_path
-from tiny_models import save_tiny_llava
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = [raw_faces, superres_faces, au_detector, au_labels, mllm_captions, fetext, diffusion_stage1, diffusion_stage2, au_adapter]
 TRAIN = {"resolution": 64, "train_batch_size": 2, "max_train_steps": 3, "learning_rate": 1e-4, "lr_warmup_steps": 1,
-         "checkpointing_steps": 2, "shuffle_buffer": 8}
+         "checkpointing_steps": 2}
 
 
 def make_sources(root: Path) -> dict:

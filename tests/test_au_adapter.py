@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from diffusers import UNet2DConditionModel
 from fetext_fixtures import write_toy_fetext
 from safetensors.torch import load_file
 
+from synfer_pipeline.demo.tiny_sd import save_tiny_sd
 from synfer_pipeline.generation import au_adapter as au_module
 from synfer_pipeline.generation.au_adapter import (
     ADAPTER_WEIGHTS,
@@ -28,9 +28,8 @@ from synfer_pipeline.generation.au_adapter import (
     unconditional_au,
 )
 from synfer_pipeline.generation.report import sample_grid
-from synfer_pipeline.generation.train import weights_version
 from synfer_pipeline.generation.settings import TrainSettings
-from synfer_pipeline.demo.tiny_sd import save_tiny_sd
+from synfer_pipeline.io.versions import weights_version
 from synfer_pipeline.vocab import au_vector
 
 CONFIG = AUAdapterConfig(num_tokens=4, hidden_dim=16, au_dropout=0.3)
@@ -133,7 +132,7 @@ def test_loading_onto_another_architecture_names_the_folder(tmp_path, base_model
 
 def adapter_settings(**overrides) -> TrainSettings:
     values = dict(resolution=64, train_batch_size=4, max_train_steps=4, learning_rate=1e-3, lr_warmup_steps=1,
-                  checkpointing_steps=2, shuffle_buffer=8, deterministic=True)
+                  checkpointing_steps=2, deterministic=True)
     return TrainSettings(**{**values, **overrides})
 
 

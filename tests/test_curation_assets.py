@@ -4,19 +4,19 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import write_profile
 from dagster import AssetKey, DagsterInstance, materialize
+from tiny_models import save_tiny_llava, save_tiny_swin2sr
 
 from assets.curation import au_detector, au_labels, mllm_captions, superres_faces
 from assets.definitions import build_resources
 from assets.fetext import fetext
 from assets.ingest import raw_faces
-from conftest import write_profile
 from synfer_pipeline.config import load_profile
 from synfer_pipeline.demo.data import write_rafdb_layout, write_unlabelled_folder
+from synfer_pipeline.demo.wheel_files import fixture_path
 from synfer_pipeline.io.shards import iter_samples
 from synfer_pipeline.io.storage import Storage
-from synfer_pipeline.demo.wheel_files import fixture_path
-from tiny_models import save_tiny_llava, save_tiny_swin2sr
 
 PER_DATASET = [raw_faces, superres_faces, au_labels, mllm_captions]
 

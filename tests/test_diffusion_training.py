@@ -16,13 +16,16 @@ from s3_server import s3_environment
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from synfer_pipeline.demo.tiny_sd import save_tiny_sd, tiny_clip_tokenizer
 from synfer_pipeline.generation import loop as loop_module
-from synfer_pipeline.demo.tiny_sd import save_tiny_sd
+from synfer_pipeline.generation.data import BatchFeed, StreamSpec, epoch_samples, load_image_tensor, sample_table
 from synfer_pipeline.generation.report import loss_curve_png, sample_grid
-from synfer_pipeline.generation.train import train_unet, weights_version
-from synfer_pipeline.generation.data import BatchFeed, StreamSpec, load_image_tensor
 from synfer_pipeline.generation.settings import TrainSettings
-from synfer_pipeline.demo.tiny_sd import tiny_clip_tokenizer
+from synfer_pipeline.generation.train import train_unet
+from synfer_pipeline.io.shards import iter_shard
+from synfer_pipeline.io.storage import Storage
+from synfer_pipeline.io.versions import weights_version
+from synfer_pipeline.vocab import OPENGRAPHAU_41
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -40,7 +43,7 @@ def fetext(tmp_path_factory) -> list[str]:
 
 def tiny_settings(**overrides) -> TrainSettings:
     values = dict(resolution=64, train_batch_size=4, max_train_steps=4, learning_rate=1e-3, lr_warmup_steps=1,
-                  checkpointing_steps=None, shuffle_buffer=8, caption_dropout=0.1)
+                  checkpointing_steps=None, caption_dropout=0.1)
     return TrainSettings(**{**values, **overrides})
 
 
@@ -85,7 +88,7 @@ def test_images_are_centre_cropped_and_scaled_to_minus_one_one():
 def test_batches_carry_tokens_aus_and_dropped_captions(fetext):
     tokenizer = tiny_clip_tokenizer()
     empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
-    spec = StreamSpec(tuple(fetext), resolution=64, batch_size=8, seed=3, caption_dropout=0.5, shuffle_buffer=8)
+    spec = StreamSpec(tuple(fetext), resolution=64, batch_size=8, seed=3, caption_dropout=0.5, au_names=OPENGRAPHAU_41)
     batches = [b for _, b in zip(range(3), BatchFeed(spec, tokenizer))]
     assert [b["pixel_values"].shape for b in batches] == [(8, 3, 64, 64)] * 3
     assert all(b["pixel_values"].min() >= -1 and b["pixel_values"].max() <= 1 for b in batches)
@@ -95,8 +98,69 @@ def test_batches_carry_tokens_aus_and_dropped_captions(fetext):
     assert sum(len(b["keys"]) for b in batches) == 24 and len({k for b in batches for k in b["keys"]}) == 24
 
 
+def test_au_vectors_are_read_by_name_in_the_jobs_order(fetext):
+    """The job's AU list may be reordered and shorter than the one FEText was written with: columns follow names."""
+    custom = ("AU12", "AU4", "AU1", "AU26")
+    spec = StreamSpec(tuple(fetext), resolution=16, batch_size=6, au_names=custom)
+    batch = next(iter(BatchFeed(spec, tiny_clip_tokenizer())))
+    truth = {key: meta for key, meta in _metas(fetext).items()}
+    for key, row in zip(batch["keys"], batch["au"]):
+        assert row.tolist() == [1.0 if a in truth[key]["aus"] else 0.0 for a in custom], key
+    unet_spec = StreamSpec(tuple(fetext), resolution=16, batch_size=6)  # the UNet stages read no AUs
+    assert next(iter(BatchFeed(unet_spec, tiny_clip_tokenizer())))["au"].shape == (6, 0)
+
+
+def test_an_au_the_fetext_samples_do_not_name_is_a_clear_error(fetext):
+    spec = StreamSpec(tuple(fetext), resolution=16, batch_size=4, au_names=("AU12", "AU99"))
+    with pytest.raises(ValueError, match=r"has no value for \['AU99'\].*rebuild fetext"):
+        next(iter(BatchFeed(spec, tiny_clip_tokenizer())))
+
+
+def _metas(urls) -> dict:
+    storage = Storage(str(Path(urls[0]).parent))
+    return {k: json.loads(m["json"]) for u in urls for k, m in iter_shard(storage, u)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_stage2_streams_share_few_native_shards_and_see_each_native_sample_once(tmp_path, world_size):
+    """Ten shards, two of them native high resolution, eight streams in all: every stream gets native samples,
+    batches mix the two native shards, and one epoch covers every native sample exactly once."""
+    urls = write_toy_fetext(tmp_path, n=60, per_shard=6, native_every=1)  # shards 0..9
+    mixed = write_toy_fetext(tmp_path / "superres", n=54, per_shard=6, seed=1, native_every=55)[1:]  # no natives
+    urls = [urls[0], *mixed[:4], urls[5], *mixed[4:]]  # natives: 2 shards of 6 samples among 10 shards
+    native = {k for k, m in _metas(urls).items() if m["native_hr"]}
+    assert len(native) == 12
+    streams = 8 // world_size
+    seen, per_stream = [], []
+    for rank in range(world_size):
+        spec = StreamSpec(tuple(urls), resolution=16, batch_size=2, native_hr_only=True, rank=rank,
+                          world_size=world_size, num_streams=streams)
+        table = sample_table(spec)
+        for stream in range(streams):
+            rows = epoch_samples(spec, len(table), 0, stream)
+            keys = table["key"].iloc[rows].tolist()
+            per_stream.append(len(keys))
+            seen += keys
+    assert sorted(seen) == sorted(native)  # each native sample once per epoch, nothing else
+    assert min(per_stream) >= 1 and max(per_stream) - min(per_stream) <= 1  # no stream empty or ending early
+    one = StreamSpec(tuple(urls), resolution=16, batch_size=6, native_hr_only=True)
+    table = sample_table(one)
+    rows = epoch_samples(one, len(table), 0, 0)
+    assert all(table["url"].iloc[rows[i:i + 6]].nunique() == 2 for i in (0, 6))  # every batch mixes both shards
+    feed = BatchFeed(StreamSpec(tuple(urls), resolution=16, batch_size=3, native_hr_only=True, num_streams=2,
+                                seed=1), tiny_clip_tokenizer(), num_workers=2)
+    epoch0 = [k for e, ks in keys_of(feed, 4) for k in ks if e == 0]
+    assert sorted(epoch0) == sorted(native)  # through the DataLoader workers as well
+
+
+def test_too_few_kept_samples_for_the_streams_is_a_clear_error(fetext):
+    spec = StreamSpec(tuple(fetext[:1]), resolution=16, batch_size=2, native_hr_only=True, num_streams=3, world_size=2)
+    with pytest.raises(ValueError, match="4 FEText samples kept .* cannot feed 2 process\\(es\\) x 3 stream"):
+        next(iter(BatchFeed(spec, tiny_clip_tokenizer(), num_workers=3)))
+
+
 def test_native_hr_filter_keeps_only_native_samples(fetext):
-    spec = StreamSpec(tuple(fetext), resolution=64, batch_size=4, native_hr_only=True, shuffle_buffer=8)
+    spec = StreamSpec(tuple(fetext), resolution=64, batch_size=4, native_hr_only=True)
     batches = [b for _, b in zip(range(3), BatchFeed(spec, tiny_clip_tokenizer()))]
     assert all(all(b["native_hr"]) and set(b["sources"]) == {NATIVE_SOURCE} for b in batches)
     assert len({k for b in batches for k in b["keys"]}) == 12  # one epoch = the 12 native samples
@@ -105,10 +169,12 @@ def test_native_hr_filter_keeps_only_native_samples(fetext):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_feed_resumed_at_any_batch_continues_the_same_sequence(fetext, workers):
     tokenizer = tiny_clip_tokenizer()
-    spec = StreamSpec(tuple(fetext), resolution=16, batch_size=5, seed=7, shuffle_buffer=4,
+    spec = StreamSpec(tuple(fetext), resolution=16, batch_size=5, seed=7,
                       num_streams=max(1, workers))
     full = keys_of(BatchFeed(spec, tokenizer, workers), 12)  # 24 samples in batches of 5: epochs 0, 1 and 2
-    assert [e for e, _ in full].count(0) in (5, 6) and {e for e, _ in full} == {0, 1, 2}
+    # One stream: 24 samples = 5 batches an epoch. Two streams: 12 samples each = 3 batches each an epoch.
+    epochs = [e for e, _ in full]
+    assert epochs == ([0] * 5 + [1] * 5 + [2] * 2 if not workers else [0] * 6 + [1] * 6)
     assert set(full[0][1]) != set(full[6][1])
     assert keys_of(BatchFeed(spec, tokenizer, workers), 12) == full  # same seed: same order
     for k in (1, 4, 7) if workers else (1, 3, 5, 6, 9):
@@ -124,7 +190,7 @@ def test_feed_streams_s3_shards_in_the_same_order_as_local_ones(fetext, tmp_path
         s3_urls = write_toy_fetext("s3://synfer/fetext", n=24, per_shard=8)
         assert [u.rsplit("/", 1)[1] for u in s3_urls] == [Path(u).name for u in fetext]
         tokenizer = tiny_clip_tokenizer()
-        specs = [StreamSpec(tuple(urls), resolution=16, batch_size=5, seed=2, shuffle_buffer=4, num_streams=2)
+        specs = [StreamSpec(tuple(urls), resolution=16, batch_size=5, seed=2, num_streams=2)
                  for urls in (s3_urls, fetext)]
         assert keys_of(BatchFeed(specs[0], tokenizer, 2), 6) == keys_of(BatchFeed(specs[1], tokenizer, 2), 6)
 

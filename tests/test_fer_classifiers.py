@@ -22,10 +22,10 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
+from synfer_pipeline.demo.wheel_files import fixture_path
 from synfer_pipeline.fer import load_fer_classifier
 from synfer_pipeline.fer.classifiers import expression_order
 from synfer_pipeline.vocab import EXPRESSIONS, UnknownLabelError
-from synfer_pipeline.demo.wheel_files import fixture_path
 
 # FER2013's order and spelling, as many hub checkpoints have it: nothing like the canonical one.
 FOREIGN_LABELS = {0: "Angry", 1: "Disgust", 2: "Fear", 3: "Happy", 4: "Sad", 5: "Surprise", 6: "Neutral"}

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pandas as pd
-
 from conftest import face_like, jpeg_bytes
+
 from synfer_pipeline.curation.captions import ValidationRules
 from synfer_pipeline.curation.captions.run import CaptionCache, TemplateRole, caption_samples, load_captioner
 from synfer_pipeline.curation.fetext import alignment, fetext_samples

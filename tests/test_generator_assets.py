@@ -15,8 +15,8 @@ import pytest
 import torch
 from dagster import DagsterInstance
 from diffusers import StableDiffusionPipeline
-
 from generator_helpers import REPO, curate, gen_profile, latest, make_sources, run_assets
+
 from synfer_pipeline.generation.au_adapter import load_au_adapter
 
 

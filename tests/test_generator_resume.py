@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 from dagster import DagsterInstance, materialize
+from generator_helpers import ALL, curate, gen_profile, latest, make_sources, run_assets
+from s3_server import s3_environment
 
 import assets.generator as generator_module
 from assets.definitions import build_resources
-from generator_helpers import ALL, curate, gen_profile, latest, make_sources, run_assets
-from s3_server import s3_environment
 
 RESUMABLE = {"max_train_steps": 4, "checkpointing_steps": 2}
 

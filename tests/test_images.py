@@ -1,12 +1,11 @@
 """Decoding input as it comes in the wild: accepted kinds are normalised to upright RGB, bad ones get a reason."""
 
-import io
 
 import numpy as np
 import pytest
+from conftest import face_like, jpeg_bytes, png_bytes
 from PIL import Image
 
-from conftest import face_like, jpeg_bytes, png_bytes
 from synfer_pipeline.io.images import BadImage, decode_image, pixel_hash
 
 

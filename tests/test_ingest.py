@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import face_like, jpeg_bytes, png_bytes
 from PIL import Image
 from skimage import data
 
-from conftest import face_like, jpeg_bytes, png_bytes
 from synfer_pipeline.curation import ingest as ingest_mod
 from synfer_pipeline.curation.ingest import IngestSettings, ingest, listing_fingerprint, reject_rate
 from synfer_pipeline.curation.readers import read_source

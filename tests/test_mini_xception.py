@@ -18,6 +18,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from skimage import data
 
+from synfer_pipeline.demo.wheel_files import fixture_path
 from synfer_pipeline.fer import (
     FER2013_CLASSES,
     MiniXceptionClassifier,
@@ -27,7 +28,6 @@ from synfer_pipeline.fer import (
 )
 from synfer_pipeline.fer.mini_xception import keras_same_padding
 from synfer_pipeline.vocab import EXPRESSIONS, canonical_expression
-from synfer_pipeline.demo.wheel_files import fixture_path
 
 # --------------------------------------------------------------------------------------------------------------
 # Plain-numpy Keras reference (channels-last, float64), one function per Keras layer class.

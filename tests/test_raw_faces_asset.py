@@ -4,12 +4,12 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import write_profile
 from dagster import AssetKey, DagsterInstance, materialize
+from dataset_fixtures import write_rafdb, write_unlabelled
 
 from assets.definitions import build_resources
 from assets.ingest import raw_faces
-from conftest import write_profile
-from dataset_fixtures import write_rafdb, write_unlabelled
 from resources.io_manager import REF_KEY
 from synfer_pipeline.config import load_profile
 

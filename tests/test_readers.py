@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import face_like, jpeg_bytes, png_bytes
+
 from synfer_pipeline.curation.readers import SourceError, read_source
 
 

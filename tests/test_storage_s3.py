@@ -5,14 +5,14 @@ import io
 import pandas as pd
 import pytest
 import webdataset as wds
+from conftest import write_profile
 from dagster import DagsterInstance, materialize
+from dataset_fixtures import write_rafdb
 from PIL import Image
+from s3_server import s3_environment
 
 from assets.definitions import build_resources
 from assets.ingest import raw_faces
-from conftest import write_profile
-from dataset_fixtures import write_rafdb
-from s3_server import s3_environment
 from synfer_pipeline.config import load_profile
 from synfer_pipeline.io.storage import Storage
 

@@ -5,11 +5,17 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import face_like, jpeg_bytes
-from synfer_pipeline.curation.superres import LanczosUpscaler, SuperResSettings, TransformersUpscaler, load_upscaler, superresolve_samples
+from PIL import Image
 from tiny_models import save_tiny_swin2sr
+
+from synfer_pipeline.curation.superres import (
+    LanczosUpscaler,
+    SuperResSettings,
+    TransformersUpscaler,
+    load_upscaler,
+    superresolve_samples,
+)
 
 
 def _samples(n, size, labelled=True):

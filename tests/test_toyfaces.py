@@ -16,8 +16,16 @@ from PIL import Image
 
 from synfer_pipeline.demo import toyfaces
 from synfer_pipeline.demo.data import write_demo_data, write_rafdb_layout, write_unlabelled_folder
-from synfer_pipeline.demo.toyfaces import (DEFINING_AUS, DRAWN_AUS, EXTRA_AUS, ToyFace, draw_toy_face, face_geometry,
-                                      render_toy_face, sample_aus)
+from synfer_pipeline.demo.toyfaces import (
+    DEFINING_AUS,
+    DRAWN_AUS,
+    EXTRA_AUS,
+    ToyFace,
+    draw_toy_face,
+    face_geometry,
+    render_toy_face,
+    sample_aus,
+)
 from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS_7, OPENGRAPHAU_41, au_vector
 
 # RAF-DB's own code table (readme of the basic set), written out here independently of the module.

@@ -10,12 +10,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from conftest import write_profile
 from dagster import DagsterInstance, materialize
+from dataset_fixtures import write_unlabelled
 
 from assets.definitions import build_resources
 from assets.ingest import raw_faces
-from conftest import write_profile
-from dataset_fixtures import write_unlabelled
 from synfer_pipeline.config import load_profile
 
 REPO = Path(__file__).resolve().parent.parent

@@ -82,8 +82,14 @@ def save_tiny_llava(
     (image_size // patch_size) ** 2 image tokens per image. Loads with `AutoModelForImageTextToText` and
     `AutoProcessor`. Returns the folder.
     """
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     path = Path(path)
     tokenizer = tiny_word_tokenizer()

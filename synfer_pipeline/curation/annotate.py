@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from synfer_pipeline.io.datasets import Sample, image_member, open_image
 from synfer_pipeline.curation.readers import sample_id_for
+from synfer_pipeline.io.datasets import Sample, image_member, open_image
 from synfer_pipeline.io.storage import read_uri
 
 _AU_TOKEN = re.compile(r"(?:AU)?([LR]?)(\d+)", re.IGNORECASE)
@@ -45,22 +46,24 @@ def read_au_csv(uri: str, fmt: str, source: str, image_column: str = "image", au
 
 
 def au_training_set(samples: Sequence[Sample], truth: Mapping[str, Sequence[str]], au_names: Sequence[str]):
-    """(images, targets (N, n_aus) 0/1, keys) for the samples that have AU ground truth; AUs outside the list are
-    an error (a label the detector cannot represent must not be dropped silently)."""
+    """(images, targets (N, n_aus) 0/1, keys, outside) for the samples that have AU ground truth.
+
+    Targets are in `au_names` order. Ground-truth AUs the configured list does not hold cannot be learned; they
+    are left out of the targets and counted in `outside` ({AU: samples}), which the asset reports.
+    """
     index = {a: i for i, a in enumerate(au_names)}
-    images, rows, keys = [], [], []
+    images, rows, keys, outside = [], [], [], Counter()
     for key, members in samples:
         if key not in truth:
             continue
-        unknown = [a for a in truth[key] if a not in index]
-        if unknown:
-            raise ValueError(f"sample {key}: AU(s) {unknown} are not in the configured AU list")
+        outside.update(a for a in truth[key] if a not in index)
         vec = np.zeros(len(au_names), np.float32)
-        vec[[index[a] for a in truth[key]]] = 1.0
+        vec[[index[a] for a in truth[key] if a in index]] = 1.0
         images.append(open_image(image_member(members)))
         rows.append(vec)
         keys.append(key)
-    return images, (np.stack(rows) if rows else np.zeros((0, len(au_names)), np.float32)), keys
+    targets = np.stack(rows) if rows else np.zeros((0, len(au_names)), np.float32)
+    return images, targets, keys, dict(outside)
 
 
 def annotate_samples(samples: Sequence[Sample], detector, fer_classifier=None) -> pd.DataFrame:

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,8 +28,10 @@ from pydantic import Field
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
 from transformers.utils import cached_file
 
-from synfer_pipeline.vocab import OPENGRAPHAU_41
+from synfer_pipeline.io.storage import data_version_of
+from synfer_pipeline.io.versions import weights_version
 from synfer_pipeline.settings import settings
+from synfer_pipeline.vocab import OPENGRAPHAU_41
 
 TINY_BACKBONE = "tiny-resnet"
 DETECTOR_JSON = "synfer_au_detector.json"
@@ -187,6 +189,17 @@ class AUDetector:
                 "settings": asdict(self.settings) if self.settings else None, "metrics": self.metrics}
         (folder / DETECTOR_JSON).write_text(json.dumps(meta, indent=2))
         return folder
+
+    @staticmethod
+    def version(folder: str | Path) -> str:
+        """Content version of a folder written by `save`: its weights and what turns them into AU calls (AU list,
+        input size, threshold, normalisation, architecture); training time and metrics do not enter it."""
+        folder = Path(folder)
+        meta = json.loads((folder / DETECTOR_JSON).read_text())
+        config = json.loads((folder / "config.json").read_text())
+        config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "_commit_hash")}
+        calls = {k: meta[k] for k in ("au_names", "image_size", "threshold", "mean", "std")}
+        return data_version_of([weights_version(folder), json.dumps(calls, sort_keys=True), json.dumps(config, sort_keys=True)])
 
     @classmethod
     def load(cls, path_or_id: str | Path, device: str = "cpu") -> AUDetector:

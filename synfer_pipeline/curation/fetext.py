@@ -5,21 +5,22 @@ Per source dataset, each super-resolved face is joined with its AU annotation an
 unlabelled sources). Accepted pairs become FEText samples; rejected ones are kept in `rejects.parquet` with reason.
 
 Sample members: `jpg` (training-resolution image), `txt` (caption), `cls` (reference expression index),
-`json` ({sample_id, source, label, expression, expression_source, native_hr, aus, au_vector, captioner}).
+`json` ({sample_id, source, label, expression, expression_source, native_hr, aus, au_names, au_vector (in
+au_names order), au_probs, captioner}).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import pandas as pd
 
 from synfer_pipeline.curation.captions.validation import ValidationRules, parse_expression, validate_captions
 from synfer_pipeline.io.datasets import Sample, image_member
-from synfer_pipeline.vocab import EXPRESSION_INDEX
 from synfer_pipeline.settings import settings
+from synfer_pipeline.vocab import EXPRESSION_INDEX
 
 SHARD_NAME = "fetext"
 
@@ -53,7 +54,7 @@ def fetext_samples(samples: Sequence[Sample], annotations: pd.DataFrame, caption
         aus = list(a["aus"])
         info = {"sample_id": a["sample_id"], "source": a["source"], "label": a["label"], "expression": a["expression"],
                 "expression_source": a["expression_source"], "native_hr": bool(meta.get("native_hr", False)),
-                "aus": aus, "au_vector": [1.0 if n in set(aus) else 0.0 for n in au_names],
+                "aus": aus, "au_names": list(au_names), "au_vector": [1.0 if n in set(aus) else 0.0 for n in au_names],
                 "au_probs": [round(float(p), 4) for p in a["au_probs"]], "captioner": json.loads(c["captioner"])}
         row = {k: info[k] for k in ("sample_id", "source", "label", "expression", "native_hr")}
         row["caption"] = c["caption"]

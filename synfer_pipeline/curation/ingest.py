@@ -22,13 +22,13 @@ import pandas as pd
 from PIL import Image
 
 from synfer_pipeline.curation import faces
+from synfer_pipeline.curation.readers import Reject, SourceListing, SourceRecord
 from synfer_pipeline.io.images import BadImage, decode_image, encode_jpeg, pixel_hash
 from synfer_pipeline.io.preview import preview_grid
-from synfer_pipeline.curation.readers import Reject, SourceListing, SourceRecord
 from synfer_pipeline.io.shards import ShardWriter, iter_shard, read_index
 from synfer_pipeline.io.storage import ArtifactRef, ArtifactWriter, data_version_of, read_uri, stage_key
-from synfer_pipeline.vocab import EXPRESSION_INDEX
 from synfer_pipeline.settings import settings
+from synfer_pipeline.vocab import EXPRESSION_INDEX
 
 SHARD_NAME = "faces"
 NOT_BAD_INPUT = {"excluded_label"}  # filtered by design (AffectNet none/uncertain/no-face), not bad input

@@ -22,8 +22,9 @@ from pydantic import Field, TypeAdapter
 
 from synfer_pipeline.io.datasets import Sample, image_member, open_image
 from synfer_pipeline.io.images import encode_jpeg
-from synfer_pipeline.torch_utils import resolve_device, resolve_dtype
+from synfer_pipeline.io.versions import model_fingerprint
 from synfer_pipeline.settings import settings
+from synfer_pipeline.torch_utils import resolve_device, resolve_dtype
 
 
 @settings
@@ -82,7 +83,8 @@ class TransformersUpscaler:
         return [Image.fromarray(a) for a in arr]
 
     def describe(self) -> dict:
-        return {"kind": "transformers", "model": self.model_id, "scale": self.scale, "dtype": str(self.dtype)}
+        return {"kind": "transformers", "model": self.model_id, "weights": model_fingerprint(self.model_id),
+                "scale": self.scale, "dtype": str(self.dtype)}
 
 
 class DiffusersUpscaler:
@@ -111,7 +113,8 @@ class DiffusersUpscaler:
         return list(out.images)
 
     def describe(self) -> dict:
-        return {"kind": "diffusers", "model": self.model_id, "prompt": self.prompt, "steps": self.steps}
+        return {"kind": "diffusers", "model": self.model_id, "weights": model_fingerprint(self.model_id),
+                "prompt": self.prompt, "steps": self.steps, "seed": self.seed}
 
 
 @settings

@@ -12,7 +12,6 @@ guide, the judge and the voters are interchangeable downstream.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,6 +23,7 @@ from pydantic import Field, TypeAdapter
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from synfer_pipeline.fer.mini_xception import MiniXceptionClassifier
+from synfer_pipeline.io.versions import file_sha256, model_fingerprint
 from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import EXPRESSIONS, UnknownLabelError, canonical_expression, map_class_order
 
@@ -33,14 +33,6 @@ FER_KINDS = ("mini_xception", "transformers")
 def _to_canonical(probs: np.ndarray, order: np.ndarray) -> np.ndarray:
     """(N, K) model-order probabilities -> (N, 8) `EXPRESSIONS` order; columns with order -1 are 0."""
     return np.where(order >= 0, probs[:, np.maximum(order, 0)], 0.0).astype(np.float32)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class MiniXceptionFER:
@@ -64,7 +56,7 @@ class MiniXceptionFER:
     def describe(self) -> dict:
         """Lineage facts: kind, file and its sha256, the model's own class order."""
         return {"role": "fer_classifier", "kind": "mini_xception", "name": self.name, "path": str(self.path),
-                "sha256": _file_sha256(self.path), "model_classes": list(self.classifier.model.class_names),
+                "sha256": file_sha256(self.path), "fingerprint": model_fingerprint(self.path), "model_classes": list(self.classifier.model.class_names),
                 "class_names": list(self.class_names)}
 
 
@@ -102,6 +94,7 @@ class TransformersFER:
     def describe(self) -> dict:
         """Lineage facts: kind, id, the checkpoint's commit where the hub gave one, its own label order."""
         return {"role": "fer_classifier", "kind": "transformers", "name": self.name, "id": self.model_id,
+                "fingerprint": model_fingerprint(self.model_id),
                 "commit": getattr(self.model.config, "_commit_hash", None), "model_type": self.model.config.model_type,
                 "model_classes": self.model_classes, "class_names": list(self.class_names)}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -33,11 +33,11 @@ from synfer_pipeline.generation.train import (
     NoiseLoss,
     from_main_process,
     load_components,
-    weights_version,
     write_folder_atomically,
 )
-from synfer_pipeline.vocab import OPENGRAPHAU_41
+from synfer_pipeline.io.versions import weights_version
 from synfer_pipeline.settings import settings
+from synfer_pipeline.vocab import OPENGRAPHAU_41
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "au_adapter.safetensors", "au_adapter.json"
 BASE_MODEL_TXT, BASE_MODEL_JSON = "base_model.txt", "base_model.json"

@@ -1,18 +1,23 @@
 """FEText streaming for diffusion fine-tuning: WebDataset shards -> tokenised, normalised training batches.
 
-The order of samples is a pure function of (seed, process rank, world size, number of streams):
-1. in each epoch the shard list is permuted with a generator seeded by (seed, epoch);
-2. process `rank` takes every `world_size`-th shard, and its logical stream `j` every `num_streams`-th of those;
-3. each stream reads its shards in that order, drops filtered samples (json only, nothing decoded yet), shuffles
-   through a buffer seeded by (seed, epoch, rank, j), and cuts batches of `batch_size` (an epoch's last batch may
-   be smaller); then it goes on with the next epoch, endlessly (a stream whose epoch holds no sample ends).
+The shards' Parquet indexes are read first: the filters (native high resolution only for stage 2, chosen sources)
+run on the index, before any sample is assigned to a process or stream, so every process and every stream gets
+its share of the kept samples however few shards hold them. The order of samples is a pure function of
+(seed, process rank, world size, number of streams):
+1. in each epoch the kept samples are permuted together, with a generator seeded by (seed, epoch): a global
+   shuffle, so batches mix samples across shards and sources;
+2. process `rank` takes every `world_size`-th sample of that order, and its logical stream `j` every
+   `num_streams`-th of those: streams differ by at most one sample per epoch, none is left empty;
+3. each stream reads its samples by their byte range in the shards (one ranged read each, local or S3), cuts
+   batches of `batch_size` (an epoch's last batch may be smaller), then goes on with the next epoch, endlessly.
 A stream is what one DataLoader worker produces (one stream when loading in the training process); the DataLoader
 takes batches from the workers in turn. The training loop records, per stream, the epoch and the batches consumed
-in it (`DataPosition`); a resumed run skips exactly those samples before decoding them and rotates the workers so
+in it (`DataPosition`); a resumed run skips exactly those samples without reading them and rotates the workers so
 that the round-robin continues where it stopped. One DataLoader lives for the whole run: no restart per epoch.
 Caption and AU dropout are decided per sample from a hash of (seed, epoch, key): no random state to carry.
+AU vectors are read by name (each FEText sample names its AU list), in the order the job asks for.
 
-Urls may be local paths or `s3://` (opened through `synfer_pipeline.io.shards`' fsspec opener).
+Urls may be local paths or `s3://` (reached through `synfer_pipeline.io.shards`).
 """
 
 from __future__ import annotations
@@ -21,19 +26,16 @@ import copy
 import hashlib
 import io
 import json
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from synfer_pipeline.io import shards as shard_io
-from synfer_pipeline.io.storage import filesystem_for
-from synfer_pipeline.vocab import OPENGRAPHAU_41
+from synfer_pipeline.io.shards import index_of, read_sample
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,9 @@ class StreamSpec:
 
     resolution: square training size in pixels; batch_size: samples per batch (per process);
     caption_dropout / au_dropout: probability that a sample's caption becomes "" / its AUs become unconditional;
-    native_hr_only: keep only samples whose json says native_hr (stage 2); sources: keep only these sources (None: all);
-    shuffle_buffer: samples held for the in-stream shuffle; num_streams: max(1, DataLoader workers).
+    native_hr_only: keep only samples whose index row says native_hr (stage 2); sources: keep only these sources
+    (None: all); au_names: the AU vector's entries in the order the job wants them (None: the job reads no AUs);
+    num_streams: max(1, DataLoader workers).
     """
 
     urls: tuple[str, ...]
@@ -54,8 +57,7 @@ class StreamSpec:
     au_dropout: float = 0.0
     native_hr_only: bool = False
     sources: tuple[str, ...] | None = None
-    shuffle_buffer: int = 256
-    au_names: tuple[str, ...] = OPENGRAPHAU_41
+    au_names: tuple[str, ...] | None = None
     rank: int = 0
     world_size: int = 1
     num_streams: int = 1
@@ -95,11 +97,27 @@ def unit_hash(*parts) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def epoch_shards(spec: StreamSpec, epoch: int, stream: int) -> list[str]:
-    """The shard urls stream `stream` of process `spec.rank` reads in `epoch`, in reading order."""
-    order = np.random.default_rng([spec.seed, epoch]).permutation(len(spec.urls))
-    mine = [spec.urls[i] for i in order][spec.rank :: spec.world_size]
-    return mine[stream :: spec.num_streams]
+def sample_table(spec: StreamSpec) -> pd.DataFrame:
+    """The kept samples of every shard (url, key, offset, length, source, native_hr), filtered on the indexes."""
+    frames = []
+    for url in spec.urls:
+        index = index_of(url)
+        for column in ("native_hr", "source"):
+            if column not in index.columns:
+                raise ValueError(f"the index of {url} has no {column!r} column: rebuild the FEText shards")
+        frames.append(index.assign(url=url)[["url", "key", "offset", "length", "source", "native_hr"]])
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["url", "key"])
+    if spec.native_hr_only:
+        table = table[table["native_hr"].astype(bool)]
+    if spec.sources is not None:
+        table = table[table["source"].isin(spec.sources)]
+    return table.reset_index(drop=True)
+
+
+def epoch_samples(spec: StreamSpec, n_samples: int, epoch: int, stream: int) -> np.ndarray:
+    """Rows of the sample table that stream `stream` of process `spec.rank` reads in `epoch`, in reading order."""
+    order = np.random.default_rng([spec.seed, epoch]).permutation(n_samples)
+    return order[spec.rank :: spec.world_size][stream :: spec.num_streams]
 
 
 def load_image_tensor(data: bytes, resolution: int) -> torch.Tensor:
@@ -120,111 +138,78 @@ def load_image_tensor(data: bytes, resolution: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-_WORKER_OPENERS: set[str] = set()  # protocols this DataLoader worker process registered itself
+class AUReader:
+    """AU vectors of FEText samples in a requested AU order, looked up by name in each sample's own list."""
 
+    def __init__(self, au_names: tuple[str, ...] | None):
+        self.au_names = au_names
+        self._index: dict[tuple[str, ...], np.ndarray] = {}
 
-def _ensure_opener(url: str) -> None:
-    # An s3fs instance inherited through fork refuses to work ("not fork-safe"), and workers started by spawn
-    # inherit none: each worker opens remote shards through its own filesystem, built from the environment's
-    # settings as `Storage` does by default (AWS_ENDPOINT_URL...).
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    if protocol in ("file", "http", "https", "pipe"):
-        return
-    in_worker = get_worker_info() is not None
-    if protocol not in wds.gopen_schemes or (in_worker and protocol not in _WORKER_OPENERS):
-        shard_io.register_filesystem(filesystem_for(url)[0], protocol)
-        if in_worker:
-            _WORKER_OPENERS.add(protocol)
-
-
-def _buffer_shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = rng.randrange(size)
-        buffer[i], sample = sample, buffer[i]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
+    def __call__(self, key: str, meta: dict) -> np.ndarray:
+        if self.au_names is None:
+            return np.zeros(0, dtype=np.float32)
+        written = tuple(meta.get("au_names") or ())
+        if written not in self._index:
+            missing = [a for a in self.au_names if a not in written]
+            if missing:
+                raise ValueError(f"FEText sample {key} has no value for {missing} (its AUs: {list(written) or 'none'});"
+                                 " rebuild fetext with the profile's action_units")
+            self._index[written] = np.array([written.index(a) for a in self.au_names])
+        return np.asarray(meta["au_vector"], dtype=np.float32)[self._index[written]]
 
 
 class FETextBatches(IterableDataset):
     """Endless batches from the given position on; each DataLoader worker produces one logical stream.
 
     Yields dicts of numpy arrays and lists (`as_tensors` turns them into tensors): pixel_values (B, 3, R, R) float32
-    in [-1, 1]; input_ids (B, T) int64; au (B, n_aus) float32 0/1; au_dropped (B,) bool; labels (B,) int64;
-    keys, sources (lists of str); native_hr (list of bool); stream, epoch (int).
+    in [-1, 1]; input_ids (B, T) int64; au (B, n_aus) float32 0/1 (n_aus 0 without au_names); au_dropped (B,) bool;
+    labels (B,) int64; keys, sources (lists of str); native_hr (list of bool); stream, epoch (int).
     Physical worker i plays stream (i + position.next_stream) % num_streams.
     """
 
     def __init__(self, spec: StreamSpec, tokenizer, position: DataPosition):
         self.spec, self.tokenizer, self.position = spec, tokenizer, position
-        self._au_index = [OPENGRAPHAU_41.index(a) for a in spec.au_names]
+        self.read_au = AUReader(spec.au_names)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         stream = (physical + self.position.next_stream) % self.spec.num_streams
         epoch, skip = self.position.epochs[stream], self.position.consumed[stream]
+        table = sample_table(self.spec)
         while True:
-            produced = 0
-            for batch in self._epoch(stream, epoch, skip * self.spec.batch_size):
-                produced += 1
-                yield batch
-            if not produced and not skip:
-                return  # no sample for this stream in a whole epoch: it ends rather than spin
+            rows = epoch_samples(self.spec, len(table), epoch, stream)
+            if not len(rows):
+                return  # this stream has no sample at all: `_tracked` says why
+            yield from self._epoch(table, rows[skip * self.spec.batch_size:], stream, epoch)
             epoch, skip = epoch + 1, 0
 
-    def _epoch(self, stream: int, epoch: int, skip: int) -> Iterator[dict]:
-        kept = (s for s in self._samples(stream, epoch) if self._keep(s))
-        rng = random.Random(f"{self.spec.seed}:{epoch}:{self.spec.rank}:{stream}")
-        batch: list[dict] = []
-        for n, sample in enumerate(_buffer_shuffle(kept, self.spec.shuffle_buffer, rng)):
-            if n < skip:
-                continue  # consumed before the checkpoint: not decoded again
-            batch.append(sample)
-            if len(batch) == self.spec.batch_size:
-                yield self._collate(batch, stream, epoch)
-                batch = []
-        if batch:
+    def _epoch(self, table: pd.DataFrame, rows: np.ndarray, stream: int, epoch: int) -> Iterator[dict]:
+        for start in range(0, len(rows), self.spec.batch_size):
+            picked = table.iloc[rows[start:start + self.spec.batch_size]]
+            batch = [read_sample(r.url, r.offset, r.length) for r in picked.itertuples()]
             yield self._collate(batch, stream, epoch)
 
-    def _samples(self, stream: int, epoch: int) -> Iterator[dict]:
-        urls = epoch_shards(self.spec, epoch, stream)
-        for url in urls:
-            _ensure_opener(url)
-        # reraise: a broken sample stops training loudly instead of silently shrinking the data set
-        return wds.tariterators.tarfile_samples(({"url": u} for u in urls), handler=wds.reraise_exception)
-
-    def _keep(self, sample: dict) -> bool:
-        meta = json.loads(sample["json"])
-        sample["meta"] = meta
-        if self.spec.native_hr_only and not meta.get("native_hr", False):
-            return False
-        return self.spec.sources is None or meta.get("source") in self.spec.sources
-
-    def _collate(self, batch: list[dict], stream: int, epoch: int) -> dict:
+    def _collate(self, batch: list[tuple[str, dict[str, bytes]]], stream: int, epoch: int) -> dict:
         spec = self.spec
-        keys = [s["__key__"] for s in batch]
-        captions = [s["txt"].decode("utf-8") for s in batch]
-        captions = ["" if unit_hash(spec.seed, epoch, k, "caption") < spec.caption_dropout else c
-                    for k, c in zip(keys, captions)]
+        keys = [k for k, _ in batch]
+        metas = [json.loads(m["json"]) for _, m in batch]
+        captions = ["" if unit_hash(spec.seed, epoch, k, "caption") < spec.caption_dropout else m["txt"].decode("utf-8")
+                    for k, (_, m) in zip(keys, batch)]
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="np").input_ids
-        au = np.stack([np.asarray(s["meta"]["au_vector"], dtype=np.float32)[self._au_index] for s in batch])
+        au = np.stack([self.read_au(k, meta) for k, meta in zip(keys, metas)])
         dropped = [unit_hash(spec.seed, epoch, k, "au") < spec.au_dropout for k in keys]
         # Small arrays stay numpy: pickled inline between processes, cheaper than a shared-memory tensor each.
         return {
-            "pixel_values": torch.stack([load_image_tensor(s["jpg"], spec.resolution) for s in batch]),
+            "pixel_values": torch.stack([load_image_tensor(m["jpg"], spec.resolution) for _, m in batch]),
             "input_ids": ids.astype(np.int64),
             "au": au,
             "au_dropped": np.array(dropped, dtype=bool),
-            "labels": np.array([int(s["cls"]) for s in batch], dtype=np.int64),
+            "labels": np.array([int(m["cls"]) for _, m in batch], dtype=np.int64),
             "keys": keys,
-            "sources": [str(s["meta"].get("source", "")) for s in batch],
-            "native_hr": [bool(s["meta"].get("native_hr", False)) for s in batch],
+            "sources": [str(meta.get("source", "")) for meta in metas],
+            "native_hr": [bool(meta.get("native_hr", False)) for meta in metas],
             "stream": stream,
             "epoch": epoch,
         }
@@ -244,10 +229,7 @@ def _tracked(source, position: DataPosition, spec: StreamSpec) -> Iterator[dict]
     for batch in source:
         position.advance(batch["stream"], batch["epoch"], spec.num_streams)
         yield as_tensors(batch)
-    raise RuntimeError(
-        f"no training samples for process {spec.rank} of {spec.world_size}: {len(spec.urls)} shards, "
-        f"native_hr_only={spec.native_hr_only}, sources={spec.sources} (fewer shards than processes, or the filter "
-        "removed everything)")
+    raise RuntimeError(f"the FEText stream of process {spec.rank} of {spec.world_size} ended: no kept samples")
 
 
 class BatchFeed:
@@ -271,6 +253,11 @@ class BatchFeed:
 
     def __iter__(self) -> Iterator[dict]:
         if self._iterator is None:
+            spec, kept = self.spec, len(sample_table(self.spec))
+            if kept < spec.world_size * spec.num_streams:
+                raise ValueError(
+                    f"{kept} FEText samples kept (native_hr_only={spec.native_hr_only}, sources={spec.sources}, "
+                    f"{len(spec.urls)} shards) cannot feed {spec.world_size} process(es) x {spec.num_streams} stream(s)")
             dataset = FETextBatches(self.spec, self.tokenizer, copy.deepcopy(self.position))
             if self.num_workers:
                 source = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,

@@ -33,7 +33,6 @@ from synfer_pipeline.generation import checkpoints as ckpt
 from synfer_pipeline.generation.data import BatchFeed, StreamSpec
 from synfer_pipeline.generation.settings import TrainReport, TrainSettings
 from synfer_pipeline.torch_utils import weight_dtype
-from synfer_pipeline.vocab import OPENGRAPHAU_41
 
 TRAINABLE_FILE = "trainable.safetensors"
 _BATCH_TENSORS = ("pixel_values", "input_ids", "au", "au_dropped", "labels")
@@ -47,7 +46,8 @@ class TrainJob:
     parameters: the parameters the optimizer updates (all others must have requires_grad False);
     frozen: modules moved to the device in the mixed-precision dtype (VAE, text encoder);
     loss: (prepared model, batch on device, torch.Generator) -> scalar loss;
-    tokenizer: for the data stream; au_dropout / au_names: AU dropout probability and AU order of the data stream;
+    tokenizer: for the data stream; au_dropout / au_names: AU dropout probability and the AU order the job reads
+    (None: the job reads no AUs, as the UNet stages);
     trainable_state_only: checkpoints hold only `parameters` (the adapter) instead of the whole model;
     fingerprint: extra values that must match for a resume (base model, adapter config...).
     """
@@ -58,7 +58,7 @@ class TrainJob:
     loss: Callable[[torch.nn.Module, dict, torch.Generator], torch.Tensor]
     tokenizer: object
     au_dropout: float = 0.0
-    au_names: tuple[str, ...] = OPENGRAPHAU_41
+    au_names: tuple[str, ...] | None = None
     trainable_state_only: bool = False
     fingerprint: dict = field(default_factory=dict)
 
@@ -148,9 +148,9 @@ def _stream_spec(settings: TrainSettings, job: TrainJob, urls: list[str], accele
     return StreamSpec(
         urls=tuple(urls), resolution=settings.resolution, batch_size=settings.train_batch_size, seed=settings.seed,
         caption_dropout=settings.caption_dropout, au_dropout=job.au_dropout, native_hr_only=settings.native_hr_only,
-        sources=settings.sources, shuffle_buffer=settings.shuffle_buffer, rank=accelerator.process_index,
+        sources=settings.sources, rank=accelerator.process_index,
         world_size=accelerator.num_processes, num_streams=max(1, settings.dataloader_num_workers),
-        au_names=tuple(job.au_names),
+        au_names=tuple(job.au_names) if job.au_names is not None else None,
     )
 
 

@@ -25,7 +25,7 @@ class TrainSettings:
     checkpointing_steps: save the full state every N optimizer steps (None: never, not even at the end);
     checkpoints_total_limit: checkpoints kept (None: all); noise_offset: std of a per-channel offset added to
     the noise; snr_gamma: min-SNR loss weighting gamma (None: plain MSE); dataloader_num_workers: decoding
-    processes (0: in the training process); shuffle_buffer: samples in the in-stream shuffle;
+    processes (0: in the training process);
     native_hr_only: train only on native high-resolution samples (stage 2); sources: keep only these sources;
     deterministic: deterministic GPU kernels, so that runs (and resumed runs) are bit-identical there too (slower;
     on the CPU runs are bit-identical without it).
@@ -56,7 +56,6 @@ class TrainSettings:
     noise_offset: float = 0.0
     snr_gamma: float | None = None
     dataloader_num_workers: int = 0
-    shuffle_buffer: int = 256
     native_hr_only: bool = False
     sources: tuple[str, ...] | None = None
     deterministic: bool = False

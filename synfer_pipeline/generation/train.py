@@ -8,7 +8,6 @@ Stage 1 trains on all of FEText; stage 2 continues from stage 1's output folder 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,9 +25,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from synfer_pipeline.generation.loop import TrainJob, run_training
 from synfer_pipeline.generation.settings import TrainReport, TrainSettings
+from synfer_pipeline.io.versions import weights_version
 
 __all__ = ["SDComponents", "NoiseLoss", "TrainReport", "TrainSettings", "from_main_process", "load_components",
-           "train_unet", "weights_version", "write_folder_atomically"]
+           "train_unet", "write_folder_atomically"]
 
 
 @dataclass
@@ -110,19 +110,6 @@ class NoiseLoss:
         weights = weights / (snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr)
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=list(range(1, prediction.ndim)))
         return (per_sample * weights).mean()
-
-
-def weights_version(folder: str | Path) -> str:
-    """sha256 (hex) over every `*.safetensors` file under `folder`: relative path and content, in path order."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*.safetensors"), key=lambda p: p.relative_to(folder).as_posix()):
-        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def write_folder_atomically(output_dir: str | Path, write: Callable[[Path], None]) -> Path:

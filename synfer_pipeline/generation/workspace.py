@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from synfer_pipeline.io.storage import ArtifactRef, ArtifactWriter, REF_FILE
+from synfer_pipeline.io.storage import REF_FILE, ArtifactRef, ArtifactWriter
 
 COMPLETE = "_COMPLETE"
 

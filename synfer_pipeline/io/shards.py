@@ -2,8 +2,14 @@
 
 A shard is `{name}-{000000}.tar` holding samples keyed by stable ids (`{key}.jpg`, `{key}.json`, `{key}.txt`,
 `{key}.cls`...), beside a Parquet index `{name}-{000000}.parquet` with one row per sample. The index is written
-after the tar, so an index on disk means its shard is complete. The writer knows nothing of where samples come
-from; it writes through `Storage` (local or S3) and produces byte-identical tars for identical samples.
+after the tar, so an index on disk means its shard is complete. Each index row records the sample's byte range in
+the tar (`offset`, `length`), which makes a shard random-access: `read_sample` fetches one sample with one ranged
+read (one GET on S3), which is how training streams draw a global shuffle without downloading whole shards.
+The writer knows nothing of where samples come from; it writes through `Storage` (local or S3) and produces
+byte-identical tars for identical samples.
+
+webdataset itself can read `s3://` shards: an fsspec opener is registered for the object-store schemes once, at
+import, and finds each url's filesystem through the storage roots registered with `register_storage`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -21,22 +28,38 @@ import pandas as pd
 import webdataset as wds
 
 SHARD_PATTERN = "{name}-{index:06d}"
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs")
 
-_FILESYSTEMS: dict[str, fsspec.AbstractFileSystem] = {}
+_ROOTS: dict[str, tuple[str, dict]] = {}  # storage root url -> (protocol, storage options)
 
 
-def register_filesystem(fs: fsspec.AbstractFileSystem, protocol: str) -> None:
-    """Let webdataset open `protocol://` urls through this fsspec filesystem (webdataset has no s3 handler)."""
-    if protocol == "file":
-        return
-    _FILESYSTEMS[protocol] = fs
-    wds.gopen_schemes[protocol] = _fsspec_gopen
+def register_storage(root: str, protocol: str, options: Mapping[str, Any]) -> None:
+    """Remember how to reach urls under `root` (the options, not a filesystem instance: instances are not
+    fork-safe, and each process builds its own from the options through fsspec's per-process cache)."""
+    if protocol != "file":
+        _ROOTS[root.rstrip("/")] = (protocol, dict(options))
+
+
+def filesystem_of(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and bare path of a shard url: the longest registered storage root that holds it, else the
+    settings the environment gives (as `synfer_pipeline.io.storage.filesystem_for`)."""
+    for root in sorted(_ROOTS, key=len, reverse=True):
+        if url == root or url.startswith(root + "/"):
+            protocol, options = _ROOTS[root]
+            fs = fsspec.filesystem(protocol, **options)
+            return fs, fs._strip_protocol(url)
+    from synfer_pipeline.io.storage import filesystem_for
+
+    return filesystem_for(url)
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
-    protocol = url.split("://", 1)[0]
-    fs = _FILESYSTEMS.get(protocol) or fsspec.filesystem(protocol)
-    return fs.open(url, mode)
+    fs, path = filesystem_of(url)
+    return fs.open(path, mode)
+
+
+for _scheme in REMOTE_SCHEMES:  # once per process: webdataset has no handler for object stores
+    wds.gopen_schemes.setdefault(_scheme, _fsspec_gopen)
 
 
 def encode_member(ext: str, value: Any) -> bytes:
@@ -93,7 +116,8 @@ class ShardWriter:
 
 
 def write_shard(storage, folder: str, name: str, index: int, samples: Iterable[tuple[str, Mapping[str, bytes], Mapping]]):
-    """Write one tar shard and then its index; returns the index rows (key, shard, sample_hash + row fields)."""
+    """Write one tar shard and then its index; returns the index rows (key, shard, sample_hash, offset, length + the
+    row fields given). `offset`/`length` are the sample's byte range in the tar (its members' headers and data)."""
     stem = SHARD_PATTERN.format(name=name, index=index)
     rows = []
     with storage.open_atomic(posixpath.join(folder, f"{stem}.tar")) as f:
@@ -102,9 +126,11 @@ def write_shard(storage, folder: str, name: str, index: int, samples: Iterable[t
                 members = {ext: encode_member(ext, v) for ext, v in members.items()}
                 if "." in key or "/" in key:
                     raise ValueError(f"sample key {key!r} may not contain '.' or '/' (webdataset splits on them)")
+                start = tar.offset
                 for ext in sorted(members):
                     _add_member(tar, f"{key}.{ext}", members[ext])
-                rows.append({"key": key, "shard": f"{stem}.tar", "sample_hash": sample_hash(members), **row})
+                rows.append({"key": key, "shard": f"{stem}.tar", "sample_hash": sample_hash(members),
+                             "offset": start, "length": tar.offset - start, **row})
     buf = io.BytesIO()
     pd.DataFrame(rows).to_parquet(buf, index=False)
     storage.write_bytes(posixpath.join(folder, f"{stem}.parquet"), buf.getvalue())
@@ -126,15 +152,14 @@ def read_index(storage, folder: str, name: str | None = None) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def iter_shard(storage, shard_uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of one shard in order, as (key, {extension: bytes})."""
-    with storage.open(shard_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+def _samples(f: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for consecutive members of a tar stream (a whole shard or one sample's range)."""
+    with tarfile.open(fileobj=f, mode="r|") as tar:
         key, members = None, {}
         for info in tar:
             if not info.isfile():
                 continue
-            base = posixpath.basename(info.name)
-            k, ext = base.split(".", 1)
+            k, ext = posixpath.basename(info.name).split(".", 1)
             if key is not None and k != key:
                 yield key, members
                 members = {}
@@ -144,6 +169,44 @@ def iter_shard(storage, shard_uri: str) -> Iterator[tuple[str, dict[str, bytes]]
             yield key, members
 
 
+def iter_shard(storage, shard_uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of one shard in order, as (key, {extension: bytes})."""
+    with storage.open(shard_uri, "rb") as f:
+        yield from _samples(f)
+
+
+def read_sample(url: str, offset: int, length: int) -> tuple[str, dict[str, bytes]]:
+    """One sample by its byte range (from the shard's index): one ranged read, local or remote."""
+    fs, path = filesystem_of(url)
+    data = fs.cat_file(path, start=int(offset), end=int(offset) + int(length))
+    found = list(_samples(io.BytesIO(data)))
+    if len(found) != 1:
+        raise ValueError(f"{url} bytes {offset}..{offset + length} hold {len(found)} samples, not 1: the index is stale")
+    return found[0]
+
+
+def sample_ranges(url: str) -> pd.DataFrame:
+    """(key, offset, length) per sample, read from the tar's headers: for shards whose index has no byte ranges."""
+    fs, path = filesystem_of(url)
+    rows: dict[str, list[int]] = {}
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for info in tar:
+            if info.isfile():
+                key = posixpath.basename(info.name).split(".", 1)[0]
+                end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                rows.setdefault(key, [info.offset, end])[1] = end
+    return pd.DataFrame([{"key": k, "offset": a, "length": b - a} for k, (a, b) in rows.items()])
+
+
+def index_of(url: str) -> pd.DataFrame:
+    """The Parquet index beside a shard url (`x.tar` -> `x.parquet`), with byte ranges filled in if it lacks them."""
+    fs, path = filesystem_of(url)
+    index = pd.read_parquet(io.BytesIO(fs.cat_file(os.path.splitext(path)[0] + ".parquet")))
+    if "offset" not in index.columns:
+        index = index.merge(sample_ranges(url), on="key", how="left", validate="one_to_one")
+    return index
+
+
 def iter_samples(storage, folder: str, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Every sample of every shard called `name` under `folder`, in shard order."""
     for shard in storage.list(folder, f"{name}-*.tar"):
@@ -151,5 +214,5 @@ def iter_samples(storage, folder: str, name: str) -> Iterator[tuple[str, dict[st
 
 
 def shard_urls(storage, folder: str, name: str) -> list[str]:
-    """Shard urls as webdataset expects them (`s3://...` works through the registered fsspec opener)."""
+    """Shard urls as webdataset expects them (`s3://...` works through the opener registered at import)."""
     return storage.list(folder, f"{name}-*.tar")

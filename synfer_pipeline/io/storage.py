@@ -91,9 +91,9 @@ class Storage:
         self.root = root.rstrip("/") if protocol != "file" else os.path.abspath(root)
         if protocol == "file":
             os.makedirs(self.root, exist_ok=True)
-        from synfer_pipeline.io import shards  # registers this filesystem for webdataset's s3:// urls
+        from synfer_pipeline.io import shards  # shard urls under this root are read with these options
 
-        shards.register_filesystem(self.fs, protocol)
+        shards.register_storage(self.root, protocol, dict(storage_options or {}))
 
     @property
     def is_local(self) -> bool:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from synfer_pipeline.io.versions import model_fingerprint
 from synfer_pipeline.settings import settings
 
 # FEText captions (supplementary Fig. 4) open with the expression, walk through the face part by part and close
@@ -116,6 +117,7 @@ class MLLMCaptioner:
         self.model_id = str(model_id)
         self.prompt = prompt
         self.generation = generation
+        self._fingerprint: str | None = None
         # The weights' dtype, read from the model so that the record cannot disagree with what ran.
         self.torch_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
@@ -220,6 +222,7 @@ class MLLMCaptioner:
         return {
             "kind": "mllm",
             "model": self.model_id,
+            "weights": self.fingerprint,
             "prompt": self.prompt,
             "prompt_hash": _short_hash(self.prompt),
             "generation": asdict(self.generation),
@@ -228,14 +231,21 @@ class MLLMCaptioner:
         }
 
     @property
+    def fingerprint(self) -> str:
+        """The weights' identity (`io.versions.model_fingerprint`): new weights at the same path re-caption."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model_id)
+        return self._fingerprint
+
+    @property
     def cache_key(self) -> str:
-        """A 16-hex-digit hash of what determines a caption: model id, prompt, dtype and `caption_fields()`.
+        """A 16-hex-digit hash of what determines a caption: model id and weights, prompt, dtype, `caption_fields()`.
 
         Changing the batch size (or, when greedy, the sampling-only settings) keeps the key, so images
         captioned before are not captioned again.
         """
         material = {
-            "model": self.model_id, "prompt": self.prompt, "dtype": self.dtype,
+            "model": self.model_id, "weights": self.fingerprint, "prompt": self.prompt, "dtype": self.dtype,
             "generation": self.generation.caption_fields(),
         }
         return _short_hash(json.dumps(material, sort_keys=True), 16)

@@ -23,9 +23,10 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from synfer_pipeline.vocab import EXPRESSIONS, canonical_expression
-from . import lexicon as lx
 from synfer_pipeline.settings import settings
+from synfer_pipeline.vocab import EXPRESSIONS, canonical_expression
+
+from . import lexicon as lx
 
 
 @dataclass(frozen=True, slots=True)
