@@ -29,7 +29,9 @@ from synfer_pipeline.io.storage import ArtifactRef, stage_key
 from synfer_pipeline.io.versions import model_fingerprint
 
 GROUP = "curation"
-AU_DETECTOR_VERSION = "au_detector-2"
+# Code versions: in Dagster's staleness view and in the staging keys (new code never resumes old work).
+SUPERRES_VERSION, AU_DETECTOR_VERSION, AU_LABELS_VERSION = "superres_faces-1", "au_detector-2", "au_labels-1"
+CAPTIONS_VERSION = "mllm_captions-2"
 
 
 def _output(ref: ArtifactRef, metadata: dict) -> Output:
@@ -47,7 +49,7 @@ def _grid(storage, ref: ArtifactRef, name: str, n: int, label=lambda meta: meta.
     return preview_grid(images, labels)
 
 
-@asset(partitions_def=dataset_partitions, io_manager_key="artifact_io", code_version="superres_faces-1", group_name=GROUP,
+@asset(partitions_def=dataset_partitions, io_manager_key="artifact_io", code_version=SUPERRES_VERSION, group_name=GROUP,
        kinds={"pytorch", "webdataset"}, op_tags={"synfer/gpu": "optional"})
 def superres_faces(context: AssetExecutionContext, raw_faces: ArtifactRef, storage: StorageResource,
                    settings: SettingsResource, compute: ComputeResource):
@@ -56,7 +58,8 @@ def superres_faces(context: AssetExecutionContext, raw_faces: ArtifactRef, stora
     dataset = profile.dataset(context.partition_key)
     cfg, spec = profile.superres, profile.models.superres
     upscaler = load_upscaler(spec, compute.device, compute.dtype)
-    writer = store.artifact("superres_faces", dataset.name, stage_key(raw_faces.data_version, cfg, spec, dataset.native_hr))
+    writer = store.artifact("superres_faces", dataset.name, stage_key(SUPERRES_VERSION, raw_faces.data_version, cfg,
+                                                                      upscaler.describe(), dataset.native_hr))
     index = map_shards(store, raw_faces, "faces", writer, "faces",
                        lambda samples: superresolve_samples(samples, upscaler, cfg, dataset.native_hr), context.log.info)
     ref = publish_dataset(writer, {"manifest": index}, context.run_id,
@@ -122,7 +125,7 @@ def _f1_metadata(metrics: dict) -> dict:
     }
 
 
-@asset(partitions_def=dataset_partitions, io_manager_key="artifact_io", code_version="au_labels-1", group_name=GROUP,
+@asset(partitions_def=dataset_partitions, io_manager_key="artifact_io", code_version=AU_LABELS_VERSION, group_name=GROUP,
        kinds={"pytorch", "parquet"}, op_tags={"synfer/gpu": "optional"})
 def au_labels(context: AssetExecutionContext, superres_faces: ArtifactRef, au_detector: ArtifactRef,
               storage: StorageResource, settings: SettingsResource, compute: ComputeResource):
@@ -134,7 +137,8 @@ def au_labels(context: AssetExecutionContext, superres_faces: ArtifactRef, au_de
     detector = AUDetector.load(str(store.local_folder(au_detector.uri)), compute.device)
     fer_spec = profile.models.fer_reference
     fer = load_fer_classifier(fer_spec, compute.device) if fer_spec else None
-    writer = store.artifact("au_labels", context.partition_key, stage_key(superres_faces.data_version, au_detector.data_version, fer_spec))
+    writer = store.artifact("au_labels", context.partition_key, stage_key(
+        AU_LABELS_VERSION, superres_faces.data_version, au_detector.data_version, fer.describe() if fer else None))
     table = map_shards_to_table(store, superres_faces, "faces", writer, "au_labels",
                                 lambda samples: annotate_samples(samples, detector, fer), context.log.info)
     ref = publish_dataset(writer, {"au_labels": table}, context.run_id, {"samples": len(table)},
@@ -149,7 +153,7 @@ def au_labels(context: AssetExecutionContext, superres_faces: ArtifactRef, au_de
     })
 
 
-@asset(partitions_def=dataset_partitions, io_manager_key="artifact_io", code_version="mllm_captions-1", group_name=GROUP,
+@asset(partitions_def=dataset_partitions, io_manager_key="artifact_io", code_version=CAPTIONS_VERSION, group_name=GROUP,
        kinds={"pytorch", "parquet"}, op_tags={"synfer/gpu": "required"})
 def mllm_captions(context: AssetExecutionContext, superres_faces: ArtifactRef, au_labels: ArtifactRef,
                   storage: StorageResource, settings: SettingsResource, compute: ComputeResource):
@@ -169,7 +173,8 @@ def mllm_captions(context: AssetExecutionContext, superres_faces: ArtifactRef, a
         new += added
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=CAPTION_COLUMNS)
     writer = store.artifact("mllm_captions", context.partition_key,
-                            stage_key(superres_faces.data_version, au_labels.data_version, captioner.cache_key))
+                            stage_key(CAPTIONS_VERSION, superres_faces.data_version, au_labels.data_version,
+                                      captioner.cache_key))
     ref = publish_dataset(writer, {"captions": table}, context.run_id, {"samples": len(table), "newly_captioned": new},
                           {"superres_faces": superres_faces.summary(), "au_labels": au_labels.summary(),
                            "captioner": captioner.describe()})

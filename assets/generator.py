@@ -14,10 +14,13 @@ from synfer_pipeline.generation.workspace import TrainingWorkspace, lineage_reco
 from synfer_pipeline.io.images import encode_png
 from synfer_pipeline.io.shards import shard_urls
 from synfer_pipeline.io.storage import ArtifactRef, stage_key
+from synfer_pipeline.io.versions import model_fingerprint
 from synfer_pipeline.settings import settings_hash
 from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS_7, au_vector
 
 GROUP = "generator"
+# Code versions: in Dagster's staleness view and in the work keys (new code never resumes old work).
+STAGE1_VERSION, STAGE2_VERSION, ADAPTER_VERSION = "diffusion_stage1-2", "diffusion_stage2-2", "au_adapter-2"
 GPU_TAGS = {"synfer/gpu": "required"}
 PROMPT = "A close-up photo of a face. The person in the image is displaying {article} {expression} facial expression."
 
@@ -68,21 +71,22 @@ def _log(context):
     return log
 
 
-@asset(io_manager_key="artifact_io", code_version="diffusion_stage1-1", group_name=GROUP, kinds={"pytorch", "diffusers"},
+@asset(io_manager_key="artifact_io", code_version=STAGE1_VERSION, group_name=GROUP, kinds={"pytorch", "diffusers"},
        op_tags=GPU_TAGS, pool="gpu")
 def diffusion_stage1(context: AssetExecutionContext, fetext: ArtifactRef, storage: StorageResource,
                      settings: SettingsResource):
     """Stage 1: the base diffusion model fine-tuned on all of FEText (learns expression semantics)."""
     profile, store = settings.get(), storage.get()
     base, cfg = profile.base_model_id(), profile.generator.stage1
-    workspace = TrainingWorkspace(store.artifact("diffusion_stage1", "all", stage_key(fetext.data_version, base, cfg)))
+    workspace = TrainingWorkspace(store.artifact("diffusion_stage1", "all", stage_key(
+        STAGE1_VERSION, fetext.data_version, base, model_fingerprint(base), cfg.numerics())))
     report = train_unet(cfg, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir, workspace.state_dir,
                         workspace.on_checkpoint, _log(context))
     grid = sample_grid(workspace.output_dir, class_prompts(), seed=cfg.seed, steps=20, resolution=cfg.resolution)
     return _finish(context, workspace, report, {"fetext": fetext}, base, cfg, grid)
 
 
-@asset(io_manager_key="artifact_io", code_version="diffusion_stage2-1", group_name=GROUP, kinds={"pytorch", "diffusers"},
+@asset(io_manager_key="artifact_io", code_version=STAGE2_VERSION, group_name=GROUP, kinds={"pytorch", "diffusers"},
        op_tags=GPU_TAGS, pool="gpu")
 def diffusion_stage2(context: AssetExecutionContext, diffusion_stage1: ArtifactRef, fetext: ArtifactRef,
                      storage: StorageResource, settings: SettingsResource):
@@ -93,7 +97,8 @@ def diffusion_stage2(context: AssetExecutionContext, diffusion_stage1: ArtifactR
         raise ValueError("generator.stage2 must set native_hr_only: true (stage 2 trains on CelebA-HQ/FFHQ only)")
     base = str(store.local_folder(diffusion_stage1.uri))
     workspace = TrainingWorkspace(store.artifact("diffusion_stage2", "all",
-                                                 stage_key(diffusion_stage1.data_version, fetext.data_version, cfg)))
+                                                 stage_key(STAGE2_VERSION, diffusion_stage1.data_version,
+                                                           fetext.data_version, cfg.numerics())))
     report = train_unet(cfg, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir, workspace.state_dir,
                         workspace.on_checkpoint, _log(context))
     grid = sample_grid(workspace.output_dir, class_prompts(), seed=cfg.seed, steps=20, resolution=cfg.resolution)
@@ -101,7 +106,7 @@ def diffusion_stage2(context: AssetExecutionContext, diffusion_stage1: ArtifactR
                    diffusion_stage1.uri, cfg, grid, {"native_hr_samples": report.native_hr_samples})
 
 
-@asset(io_manager_key="artifact_io", code_version="au_adapter-1", group_name=GROUP, kinds={"pytorch", "safetensors"},
+@asset(io_manager_key="artifact_io", code_version=ADAPTER_VERSION, group_name=GROUP, kinds={"pytorch", "safetensors"},
        op_tags=GPU_TAGS, pool="gpu")
 def au_adapter(context: AssetExecutionContext, diffusion_stage2: ArtifactRef, fetext: ArtifactRef,
                storage: StorageResource, settings: SettingsResource):
@@ -111,10 +116,11 @@ def au_adapter(context: AssetExecutionContext, diffusion_stage2: ArtifactRef, fe
     cfg, adapter = profile.generator.au_adapter, profile.adapter_config()
     base = str(store.local_folder(diffusion_stage2.uri))
     workspace = TrainingWorkspace(store.artifact("au_adapter", "all",
-                                                 stage_key(diffusion_stage2.data_version, fetext.data_version, cfg, adapter)))
+                                                 stage_key(ADAPTER_VERSION, diffusion_stage2.data_version,
+                                                           fetext.data_version, cfg.numerics(), adapter)))
     report = train_au_adapter(cfg, adapter, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir,
                               workspace.state_dir, workspace.on_checkpoint, _log(context))
-    vectors = [au_vector(EXPRESSION_AUS[e], profile.au_names).tolist() for e in EXPRESSIONS_7]
+    vectors = [au_vector(EXPRESSION_AUS[e], profile.au_names, outside="drop").tolist() for e in EXPRESSIONS_7]
     grid = sample_grid(base, class_prompts(), seed=cfg.seed, steps=20, au_adapter_dir=workspace.output_dir,
                        au_vectors=vectors, resolution=cfg.resolution)
     return _finish(context, workspace, report, {"diffusion_stage2": diffusion_stage2, "fetext": fetext},

@@ -67,14 +67,16 @@ def map_class_order(class_names: Sequence[str]) -> np.ndarray:
     return np.array([position.get(e, -1) for e in EXPRESSIONS], dtype=np.int64)
 
 
-def au_vector(aus: Iterable[str], au_names: Sequence[str] = OPENGRAPHAU_41) -> np.ndarray:
-    """0/1 float32 vector over `au_names` with ones at the given AUs; an AU outside the list is an error."""
+def au_vector(aus: Iterable[str], au_names: Sequence[str] = OPENGRAPHAU_41, outside: str = "error") -> np.ndarray:
+    """0/1 float32 vector over `au_names` with ones at the given AUs. An AU outside the list is an error, or
+    with `outside="drop"` left out (a configured list that does not model it cannot carry it)."""
     index = {a: i for i, a in enumerate(au_names)}
     vec = np.zeros(len(au_names), dtype=np.float32)
     for au in aus:
-        if au not in index:
+        if au in index:
+            vec[index[au]] = 1.0
+        elif outside != "drop":
             raise ValueError(f"action unit {au!r} is not in the configured AU list")
-        vec[index[au]] = 1.0
     return vec
 
 

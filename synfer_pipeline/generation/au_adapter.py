@@ -35,7 +35,7 @@ from synfer_pipeline.generation.train import (
     load_components,
     write_folder_atomically,
 )
-from synfer_pipeline.io.versions import weights_version
+from synfer_pipeline.io.versions import model_fingerprint, weights_version
 from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import OPENGRAPHAU_41
 
@@ -250,7 +250,7 @@ def train_au_adapter(settings: TrainSettings, adapter_config: AUAdapterConfig, s
     job = TrainJob(model=parts.unet, parameters=list(trainable.values()), frozen=[parts.vae, parts.text_encoder],
                    loss=loss, tokenizer=parts.tokenizer, au_dropout=adapter_config.au_dropout,
                    au_names=adapter_config.au_names, trainable_state_only=True,
-                   fingerprint={"base_model": str(base_model), "job": "au_adapter",
+                   fingerprint={"base_model": model_fingerprint(base_model), "job": "au_adapter",
                                 "adapter": adapter_config.to_dict()})
     result = run_training(settings, job, list(shard_urls), Path(state_dir), on_checkpoint, log)
     unet, accelerator = result.model, result.accelerator

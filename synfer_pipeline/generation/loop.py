@@ -85,10 +85,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def _fingerprint(settings: TrainSettings, job: TrainJob, urls: list[str], accelerator: Accelerator) -> dict:
     # Everything that changes the numbers a step computes; operational settings (checkpoint cadence) may change.
-    values = settings.to_dict()
-    for operational in ("checkpointing_steps", "checkpoints_total_limit"):
-        values.pop(operational)
-    return {"settings": values, "shard_urls": list(urls), "num_processes": accelerator.num_processes, **job.fingerprint}
+    return {"settings": settings.numerics(), "shard_urls": list(urls), "num_processes": accelerator.num_processes, **job.fingerprint}
 
 
 def _register_trainable_only_hooks(accelerator: Accelerator, job: TrainJob) -> None:

@@ -10,6 +10,7 @@ from diffusers.optimization import SchedulerType
 from synfer_pipeline.settings import settings
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+OPERATIONAL = ("checkpointing_steps", "checkpoints_total_limit")  # may change on resume
 
 
 @settings
@@ -79,6 +80,11 @@ class TrainSettings:
         d = asdict(self)
         d["sources"] = list(self.sources) if self.sources is not None else None
         return d
+
+    def numerics(self) -> dict[str, Any]:
+        """The settings that change what a step computes: everything but the checkpoint cadence and limit, which
+        may change between a run and its resume."""
+        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL}
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from synfer_pipeline.generation.loop import TrainJob, run_training
 from synfer_pipeline.generation.settings import TrainReport, TrainSettings
-from synfer_pipeline.io.versions import weights_version
+from synfer_pipeline.io.versions import model_fingerprint, weights_version
 
 __all__ = ["SDComponents", "NoiseLoss", "TrainReport", "TrainSettings", "from_main_process", "load_components",
            "train_unet", "write_folder_atomically"]
@@ -152,7 +152,7 @@ def train_unet(settings: TrainSettings, shard_urls: list[str], base_model: str, 
     loss = NoiseLoss(parts.vae, parts.text_encoder, parts.noise_scheduler, settings.noise_offset, settings.snr_gamma)
     job = TrainJob(model=parts.unet, parameters=[p for p in parts.unet.parameters()],
                    frozen=[parts.vae, parts.text_encoder], loss=loss, tokenizer=parts.tokenizer,
-                   fingerprint={"base_model": str(base_model), "job": "unet"})
+                   fingerprint={"base_model": model_fingerprint(base_model), "job": "unet"})
     result = run_training(settings, job, shard_urls, Path(state_dir), on_checkpoint, log)
     accelerator, unet = result.accelerator, result.model
     data_version = ""
