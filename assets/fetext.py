@@ -15,7 +15,7 @@ from dagster import (
 
 from assets.metadata import preview, ref_metadata
 from resources import SettingsResource, StorageResource
-from synfer_pipeline.curation.fetext import SHARD_NAME, alignment, counts_by, fetext_samples
+from synfer_pipeline.curation.fetext import SHARD_NAME, alignment, check_joinable, counts_by, fetext_samples
 from synfer_pipeline.io.datasets import input_shards, open_image, publish_dataset, read_table
 from synfer_pipeline.io.preview import preview_grid
 from synfer_pipeline.io.shards import iter_shard, read_index, write_shard
@@ -36,6 +36,8 @@ def fetext(context: AssetExecutionContext, superres_faces: dict, au_labels: dict
               (("superres_faces", superres_faces), ("au_labels", au_labels), ("mllm_captions", mllm_captions))
               for pk, ref in sorted(refs.items())}
     writer = store.artifact("fetext", "all", stage_key({k: v["data_version"] for k, v in inputs.items()}, cfg))
+    for pk in sorted(superres_faces):
+        check_joinable(pk, superres_faces[pk], au_labels[pk], mllm_captions[pk])
     reports, shard_index = [], 0
     for pk in sorted(superres_faces):
         annotations = read_table(store, au_labels[pk], "au_labels.parquet").set_index("key")

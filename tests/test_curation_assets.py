@@ -209,3 +209,32 @@ def test_new_au_labels_or_new_superres_output_recaption_exactly_the_changed_imag
     assert new_images == {"rafdb-train_00001", "rafdb-train_00002"}
     assert v3.metadata["newly_captioned"].value == 2
     assert v3.tags["dagster/data_version"] != v2.tags["dagster/data_version"]
+
+
+def test_fetext_refuses_annotations_and_captions_of_different_face_versions(tmp_path, sources):
+    import shutil
+
+    import numpy as np
+
+    from synfer_pipeline.demo.toyfaces import draw_toy_face
+
+    source = shutil.copytree(sources["rafdb"], tmp_path / "rafdb")
+    profile = _profile(tmp_path, {**sources, "rafdb": source}, {"kind": "template"})
+    instance = DagsterInstance.ephemeral()
+    _curate(profile, instance)
+    captions = _latest(instance, "mllm_captions", "rafdb").tags["dagster/data_version"]
+    old_faces = _latest(instance, "superres_faces", "rafdb").tags["dagster/data_version"]
+    draw_toy_face("sad", np.random.default_rng(7), 100).image.save(
+        source / "Image" / "aligned" / "train_00003_aligned.jpg", quality=90)
+    # New faces and new AU labels for rafdb, but the captions are left behind on the old faces.
+    _run(PER_DATASET + [au_detector], profile, instance, "rafdb", selection=["raw_faces", "superres_faces", "au_labels"])
+    new_faces = _latest(instance, "superres_faces", "rafdb").tags["dagster/data_version"]
+    assert new_faces != old_faces
+    with pytest.raises(Exception) as err:
+        _run(PER_DATASET + [au_detector, fetext], profile, instance, selection=["fetext"])
+    text = str(err.value)
+    assert f"mllm_captions[rafdb] {captions} was built from superres_faces[rafdb] {old_faces}" in text
+    assert f"superres_faces[rafdb] is {new_faces}" in text
+    assert "rematerialize mllm_captions[rafdb]" in text and "au_labels[rafdb] and" not in text
+    _run(PER_DATASET + [au_detector], profile, instance, "rafdb", selection=["mllm_captions"])
+    _run(PER_DATASET + [au_detector, fetext], profile, instance, selection=["fetext"])  # consistent again: joins

@@ -19,6 +19,7 @@ import pandas as pd
 
 from synfer_pipeline.curation.captions.validation import ValidationRules, parse_expression, validate_captions
 from synfer_pipeline.io.datasets import Sample, image_member
+from synfer_pipeline.io.storage import ArtifactRef
 from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import EXPRESSION_INDEX
 
@@ -31,6 +32,33 @@ class FETextSettings:
     validate: bool = True    # False keeps every non-empty caption (the paper's "without validation" ablation);
                              # the verdicts are still recorded in the report
     preview: int = 16
+
+
+class InconsistentInputsError(ValueError):
+    """Annotations and captions of one dataset that were built from different versions of its faces."""
+
+
+def check_joinable(partition: str, superres: ArtifactRef, au_labels: ArtifactRef, captions: ArtifactRef) -> None:
+    """Refuse to join AU labels and captions of `partition` unless both were built from the super-resolved faces
+    FEText reads (and the captions from these AU labels, whose expression and AUs they may be written from).
+
+    The error names the versions and what to rematerialize."""
+    faces = superres.data_version
+    built_on = {"au_labels": au_labels.inputs.get("superres_faces", {}).get("data_version"),
+                "mllm_captions": captions.inputs.get("superres_faces", {}).get("data_version")}
+    stale = [name for name, version in built_on.items() if version != faces]
+    if stale:
+        parts = "; ".join(f"{name}[{partition}] {ref.data_version} was built from superres_faces[{partition}] "
+                          f"{built_on[name]}" for name, ref in (("au_labels", au_labels), ("mllm_captions", captions)))
+        raise InconsistentInputsError(
+            f"fetext cannot join dataset {partition}: {parts}, but superres_faces[{partition}] is {faces}; "
+            f"rematerialize {' and '.join(f'{n}[{partition}]' for n in stale)} from superres_faces {faces}")
+    captions_from = captions.inputs.get("au_labels", {}).get("data_version")
+    if captions_from != au_labels.data_version:
+        raise InconsistentInputsError(
+            f"fetext cannot join dataset {partition}: mllm_captions[{partition}] {captions.data_version} was built "
+            f"from au_labels[{partition}] {captions_from}, but au_labels[{partition}] is {au_labels.data_version}; "
+            f"rematerialize mllm_captions[{partition}]")
 
 
 def fetext_samples(samples: Sequence[Sample], annotations: pd.DataFrame, captions: pd.DataFrame, au_names: Sequence[str],
