@@ -13,7 +13,7 @@ from dagster import (
     asset,
 )
 
-from assets.metadata import preview, ref_metadata
+from assets.metadata import preview, ref_metadata, rejects_table
 from resources import SettingsResource, StorageResource
 from synfer_pipeline.curation.fetext import SHARD_NAME, alignment, check_joinable, counts_by, fetext_samples
 from synfer_pipeline.io.datasets import input_shards, open_image, publish_dataset, read_table
@@ -68,6 +68,8 @@ def fetext(context: AssetExecutionContext, superres_faces: dict, au_labels: dict
         "counts_by_source_and_class": MetadataValue.json(counts_by(index, "source", "expression")),
         "native_hr_samples": int(index["native_hr"].sum()) if len(index) else 0,
         "rejection_reasons": MetadataValue.json(rejects["reason"].value_counts().to_dict() if len(rejects) else {}),
+        "rejects": rejects_table(rejects, {"sample": "key", "reason": "reason", "caption": "caption"}),
+        "rejects_parquet": MetadataValue.path(ref.file("rejects.parquet")),
         "caption_rejection_rate": rate,
         "alignment_on_labelled_sources": MetadataValue.json(align),
         "preview": preview(store.read_bytes(ref.file("preview.png")), "FEText pairs"),

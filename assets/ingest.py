@@ -12,7 +12,7 @@ from dagster import (
     asset,
 )
 
-from assets.metadata import counts_table, preview, ref_metadata
+from assets.metadata import counts_table, preview, ref_metadata, rejects_table
 from assets.partitions import dataset_partitions
 from resources import SettingsResource, StorageResource
 from synfer_pipeline.curation.ingest import ingest, listing_fingerprint, reject_rate
@@ -28,8 +28,10 @@ CODE_VERSION = "raw_faces-1"
     code_version=CODE_VERSION,
     group_name="curation",
     kinds={"python", "webdataset", "parquet"},
-    check_specs=[AssetCheckSpec("reject_rate", asset="raw_faces",
-                                description="Share of source images rejected as bad input stays under the profile's max_reject_rate")],
+    check_specs=[AssetCheckSpec("reject_rate", asset="raw_faces", blocking=True,
+                                description="Share of source images rejected as bad input stays under the profile's "
+                                            "max_reject_rate; blocking: downstream steps of the run do not build on "
+                                            "a failed source")],
 )
 def raw_faces(context: AssetExecutionContext, storage: StorageResource, settings: SettingsResource):
     """Face crops of one source dataset, decoded, de-duplicated, aligned and resized, with rejects and reasons."""
@@ -46,6 +48,8 @@ def raw_faces(context: AssetExecutionContext, storage: StorageResource, settings
         "manifest": MetadataValue.path(result.ref.file("manifest.parquet")),
         "counts_by_class_and_split": counts_table(result.manifest, "label", "split"),
         "reject_reasons": MetadataValue.json(reasons),
+        "rejects": rejects_table(result.rejects, {"file": "uri", "reason": "reason", "detail": "detail"}),
+        "rejects_parquet": MetadataValue.path(result.ref.file("rejects.parquet")),
         "reject_rate": rate,
         "duplicates_kept_once": len(result.duplicates),
         "ignored_sidecar_files": result.ignored_files,
@@ -55,5 +59,7 @@ def raw_faces(context: AssetExecutionContext, storage: StorageResource, settings
     threshold = profile.checks.max_reject_rate
     yield AssetCheckResult(
         check_name="reject_rate", passed=rate <= threshold, severity=AssetCheckSeverity.ERROR,
-        metadata={"reject_rate": rate, "max_reject_rate": threshold, "reject_reasons": MetadataValue.json(reasons)},
+        metadata={"reject_rate": rate, "max_reject_rate": threshold, "reject_reasons": MetadataValue.json(reasons),
+                  "rejects": rejects_table(result.rejects, {"file": "uri", "reason": "reason", "detail": "detail"}),
+                  "rejects_parquet": MetadataValue.path(result.ref.file("rejects.parquet"))},
     )

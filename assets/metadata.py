@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
-from dagster import MetadataValue
+from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
 from synfer_pipeline.io.preview import markdown_image
 from synfer_pipeline.io.storage import ArtifactRef
@@ -24,3 +24,11 @@ def counts_table(df: pd.DataFrame, rows: str, columns: str | None = None) -> Met
 
 def preview(png: bytes, alt: str = "preview") -> MetadataValue:
     return MetadataValue.md(markdown_image(png, alt))
+
+
+def rejects_table(rejects: pd.DataFrame, columns: dict[str, str], rows: int = 20) -> MetadataValue:
+    """The first `rows` rejects as a table the UI shows; `columns` maps the table's column names to the frame's."""
+    schema = TableSchema(columns=[TableColumn(name, "string") for name in columns])
+    records = [TableRecord({name: "" if pd.isna(row[src]) else str(row[src]) for name, src in columns.items()})
+               for _, row in rejects.head(rows).iterrows()]
+    return MetadataValue.table(records=records, schema=schema)

@@ -151,3 +151,32 @@ def test_unaligned_photos_are_detected_and_a_photo_without_a_face_is_rejected(tm
     x, y, w, h = eval(result.manifest["face_box"][0])  # noqa: S307 - our own JSON list
     assert 170 < x + w / 2 < 290 and 40 < y + h / 2 < 200
     assert list(result.rejects["reason"]) == ["no_face"]
+
+
+def test_boxes_outside_the_image_repeated_rows_and_conflicting_duplicates(tmp_path):
+    """AffectNet-style rows: a face box mostly outside its image is rejected (file, reason, how much is inside), a
+    repeated row never writes two samples under one key, and the same picture under two labels is kept once with
+    both labels recorded."""
+    root = tmp_path / "affectnet"
+    images = root / "Manually_Annotated_Images" / "7"
+    images.mkdir(parents=True)
+    for name, seed in (("a.jpg", 1), ("b.jpg", 2), ("c.jpg", 3)):
+        (images / name).write_bytes(jpeg_bytes(face_like(100, seed)))
+    (images / "c_copy.jpg").write_bytes((images / "c.jpg").read_bytes())
+    rows = [("7/a.jpg", 10, 10, 80, 80, 1), ("7/b.jpg", 90, 90, 60, 60, 2),   # b: 3% of the box inside
+            ("7/a.jpg", 10, 10, 80, 80, 1),                                   # a again
+            ("7/c.jpg", 0, 0, 100, 100, 3), ("7/c_copy.jpg", 0, 0, 100, 100, 6)]  # one picture, two labels
+    pd.DataFrame(rows, columns=["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
+                                "expression"]).to_csv(root / "training.csv", index=False)
+    listing = read_source("affectnet", str(root), "affectnet")
+    store = Storage(str(tmp_path / "store"))
+    settings = IngestSettings(face_size=32)
+    result = ingest(listing, settings, store.artifact("raw_faces", "affectnet", "k"), "r1")
+    keys = [k for k, _ in iter_samples(store, result.ref.uri, "faces")]
+    assert sorted(keys) == ["affectnet-7_a_jpg", "affectnet-7_c_jpg"] and len(keys) == len(set(keys))
+    rejects = {(r.uri.rsplit("/", 1)[1], r.reason): r.detail for r in result.rejects.itertuples()}
+    assert rejects[("b.jpg", "bad_box")] == "face box (90, 90, 60, 60) lies mostly outside the 100x100 image (3% inside)"
+    assert ("a.jpg", "duplicate_row") in rejects
+    dup = result.duplicates.iloc[0]
+    assert (dup.sample_id, dup.duplicate_of, dup.label, dup.label_of_kept, dup.conflicting_labels) == (
+        "affectnet-7_c_copy_jpg", "affectnet-7_c_jpg", "anger", "surprise", True)

@@ -73,3 +73,26 @@ def test_data_version_is_content_derived_and_the_ref_is_recorded(profile):
     assert json.loads(open(ref["uri"] + "/ref.json").read())["data_version"] == v1
     events = instance.fetch_materializations(AssetKey("raw_faces"), limit=10).records
     assert len(events) == 2
+
+
+def test_a_failed_reject_rate_blocks_downstream_assets_in_the_same_run(tmp_path):
+    from assets.curation import superres_faces
+
+    write_rafdb(tmp_path / "bad_rafdb", ["happy", "sad"] * 4, corrupt=2)  # 20% unreadable > 5%
+    path = write_profile(tmp_path / "bad.yaml", str(tmp_path / "storage"), {
+        "rafdb": {"format": "rafdb", "uri": str(tmp_path / "bad_rafdb"), "ingest": {"aligned": True, "face_size": 64}}},
+        superres={"resolution": 64})
+    result = materialize([raw_faces, superres_faces], partition_key="rafdb", raise_on_error=False,
+                         resources=build_resources(load_profile(str(path))), instance=DagsterInstance.ephemeral())
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and check.severity.value == "ERROR"
+    assert [m.asset_key.to_user_string() for m in result.get_asset_materialization_events()] == ["raw_faces"]
+    assert "superres_faces" not in {e.step_key for e in result.get_step_success_events()}
+    # The rejects are there to read: the first rows as a table (file, reason, detail) and the Parquet path.
+    meta = _materialization(result, "rafdb").metadata
+    records = meta["rejects"].value.records
+    assert [c.name for c in meta["rejects"].value.schema.columns] == ["file", "reason", "detail"]
+    assert len(records) == 2 and {r.data["reason"] for r in records} == {"corrupt"}
+    assert records[0].data["file"].endswith("_aligned.jpg")
+    assert pd.read_parquet(meta["rejects_parquet"].value)["reason"].tolist() == ["corrupt", "corrupt"]
+    assert check.metadata["rejects_parquet"].value == meta["rejects_parquet"].value

@@ -79,7 +79,7 @@ def test_fer2013_pixels_usage_and_bad_rows(tmp_path):
     listing = read_source("fer2013", str(tmp_path / "fer2013.csv"), "fer2013")
     assert [(r.label, r.split, r.pixels.shape) for r in listing.records] == [
         ("happy", "train", (48, 48)), ("anger", "val", (48, 48)), ("neutral", "test", (48, 48))]
-    assert sorted((r.uri.rsplit("#", 1)[1], r.reason) for r in listing.rejects) == [("row=3", "unknown_label"), ("row=4", "corrupt")]
+    assert sorted((r.uri.rsplit("#", 1)[1], r.reason) for r in listing.rejects) == [("row=3", "unknown_label"), ("row=4", "bad_pixels")]
 
 
 def test_fer2013_with_ferplus_majority_votes(tmp_path):
@@ -129,3 +129,84 @@ def test_missing_or_empty_source_fails_naming_the_path(tmp_path):
         read_source("folder", str(tmp_path / "empty"), "x")
     with pytest.raises(SourceError, match="list_patition_label.txt is missing"):
         read_source("rafdb", str(tmp_path / "empty"), "x")
+
+
+def test_fer2013_bad_pixel_strings_are_rejected_exactly_and_the_rest_goes_on(tmp_path):
+    good = " ".join(["7"] * 2304)
+    rows = {
+        "ok": (3, good, "Training"),
+        "letter": (3, " ".join(["7"] * 17 + ["abc"] + ["7"] * 2286), "Training"),
+        "short": (3, " ".join(["7"] * 2303), "Training"),
+        "high": (3, " ".join(["7"] * 5 + ["300"] + ["7"] * 2298), "Training"),
+        "negative": (3, " ".join(["-4"] + ["7"] * 2303), "Training"),
+        "no_emotion": ("", good, "Training"),
+        "no_pixels": (3, "", "PublicTest"),
+        "usage": (3, good, "Trainnig"),
+        "float_label": ("2.5", good, "Training"),
+    }
+    pd.DataFrame(list(rows.values()), columns=["emotion", "pixels", "Usage"]).to_csv(tmp_path / "f.csv", index=False)
+    listing = read_source("fer2013", str(tmp_path / "f.csv"), "fer2013")
+    assert len(listing.records) == 1
+    got = {int(r.uri.rsplit("=", 1)[1]): (r.reason, r.detail.split(": ", 1)[1]) for r in listing.rejects}
+    assert got == {
+        1: ("bad_pixels", "pixel 17 is 'abc', not a number"),
+        2: ("bad_pixels", "2303 pixel values, expected 2304"),
+        3: ("bad_pixels", "pixel 5 is 300, outside 0..255"),
+        4: ("bad_pixels", "pixel 0 is -4, outside 0..255"),
+        5: ("missing_field", "emotion empty"),
+        6: ("missing_field", "pixels empty"),
+        7: ("bad_field", "Usage 'Trainnig' is not one of Training, PublicTest, PrivateTest"),
+        8: ("unknown_label", "emotion '2.5' not in 0..6"),
+    }
+    assert all(f"{tmp_path}/f.csv row" in r.detail for r in listing.rejects)  # the file and row are named
+
+
+def test_affectnet_rows_with_missing_or_bad_fields_and_repeated_rows(tmp_path):
+    root = tmp_path / "affectnet"
+    for i in range(4):
+        _write(root / "Manually_Annotated_Images" / "1" / f"img{i}.jpg", jpeg_bytes(face_like(120, i)))
+    rows = [("1/img0.jpg", "10", "12", "80", "90", "1"), ("1/img0.jpg", "10", "12", "80", "90", "2"),  # repeated
+            ("1/img1.jpg", "", "0", "100", "100", "3"), ("1/img2.jpg", "0", "0", "wide", "100", "4"),
+            ("1/img3.jpg", "0", "0", "0", "100", "5")]
+    pd.DataFrame(rows, columns=["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
+                                "expression"]).to_csv(root / "training.csv", index=False)
+    listing = read_source("affectnet", str(root), "affectnet")
+    assert [(r.sample_id, r.label) for r in listing.records] == [("affectnet-1_img0_jpg", "happy")]
+    got = [(r.reason, r.detail.split(": ", 1)[-1]) for r in listing.rejects]
+    assert got == [("duplicate_row", f"{root}/training.csv line 3 names 1/img0.jpg again"),
+                   ("missing_field", "face_x empty"), ("bad_field", "face_width 'wide' is not a number"),
+                   ("bad_box", "face box (0.0, 0.0, 0.0, 100.0) has no area")]
+
+
+def test_rafdb_repeated_row_is_a_duplicate_row(rafdb):
+    label_file = rafdb / "EmoLabel" / "list_patition_label.txt"
+    label_file.write_text(label_file.read_text() + "train_00001.jpg 5\n")
+    listing = read_source("rafdb", str(rafdb), "rafdb")
+    assert [r.sample_id for r in listing.records].count("rafdb-train_00001") == 1
+    assert ("train_00001_aligned.jpg", "duplicate_row") in _reasons(listing)
+    assert next(r.label for r in listing.records if r.sample_id == "rafdb-train_00001") == "happy"  # the first row
+
+
+def test_label_files_without_images_or_empty_fail_naming_the_path(rafdb, tmp_path):
+    import shutil
+
+    label_file = rafdb / "EmoLabel" / "list_patition_label.txt"
+    label_file.write_text("\n\n")
+    with pytest.raises(SourceError, match=f"RAF-DB label file {label_file} is empty"):
+        read_source("rafdb", str(rafdb), "rafdb")
+    shutil.rmtree(rafdb / "Image")
+    with pytest.raises(SourceError, match=f"has no image folder: {rafdb}/Image/aligned does not exist"):
+        read_source("rafdb", str(rafdb), "rafdb")
+    affectnet = tmp_path / "affectnet"
+    affectnet.mkdir()
+    (affectnet / "training.csv").write_text("subDirectory_filePath,face_x,face_y,face_width,face_height,expression\n")
+    with pytest.raises(SourceError, match=f"{affectnet}/training.csv has no image folder"):
+        read_source("affectnet", str(affectnet), "affectnet")
+    (affectnet / "Manually_Annotated_Images").mkdir()
+    (affectnet / "training.csv").write_text("")
+    with pytest.raises(SourceError, match=f"label file {affectnet}/training.csv is empty"):
+        read_source("affectnet", str(affectnet), "affectnet")
+    fer = tmp_path / "fer.csv"
+    fer.write_text("   \n")
+    with pytest.raises(SourceError, match=f"label file {fer} is empty"):
+        read_source("fer2013", str(fer), "fer2013")

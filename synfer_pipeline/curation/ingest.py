@@ -31,7 +31,10 @@ from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import EXPRESSION_INDEX
 
 SHARD_NAME = "faces"
-NOT_BAD_INPUT = {"excluded_label"}  # filtered by design (AffectNet none/uncertain/no-face), not bad input
+# A duplicate image is kept once; both labels are recorded, and whether they disagree.
+DUPLICATE_COLUMNS = ["sample_id", "duplicate_of", "uri", "label", "label_of_kept", "conflicting_labels"]
+NOT_BAD_INPUT = {"excluded_label"}
+MIN_BOX_INSIDE = 0.5  # a known face box with less than half of its area inside the image is a bad row  # filtered by design (AffectNet none/uncertain/no-face), not bad input
 
 
 @settings
@@ -90,6 +93,11 @@ def process_record(record: SourceRecord, settings: IngestSettings) -> tuple[dict
         return Reject(record.uri, "unreadable", f"{type(e).__name__}: {e}", record.sample_id, "read")
     if n_faces == 0:
         return Reject(record.uri, "no_face", f"detector {settings.detector} found no face", record.sample_id, "detect")
+    if record.box is not None and (inside := faces.inside_fraction(box, img.size)) < MIN_BOX_INSIDE:
+        x, y, w, h = record.box
+        size = f"{round(img.size[0] / img.info['scale'])}x{round(img.size[1] / img.info['scale'])}"
+        return Reject(record.uri, "bad_box", f"face box ({x:g}, {y:g}, {w:g}, {h:g}) lies mostly outside the {size} "
+                      f"image ({inside:.0%} inside)", record.sample_id, "detect")
     crop = faces.crop_face(pixels, box, settings.face_size, settings.margin)
     scale = img.info["scale"]
     native = (max(box.w, box.h) * (1 + settings.margin) if box else min(img.size)) / scale
@@ -161,9 +169,11 @@ def ingest(listing: SourceListing, settings: IngestSettings, writer: ArtifactWri
             progress.rejects.append(asdict(result))
             continue
         row, jpeg = result
-        first = progress.seen.setdefault(row["content_hash"], row["sample_id"])
+        first, first_label = progress.seen.setdefault(row["content_hash"], (row["sample_id"], row["label"]))
         if first != row["sample_id"]:
-            progress.duplicates.append({"sample_id": row["sample_id"], "duplicate_of": first, "uri": row["uri"]})
+            progress.duplicates.append({"sample_id": row["sample_id"], "duplicate_of": first, "uri": row["uri"],
+                                        "label": row["label"], "label_of_kept": first_label,
+                                        "conflicting_labels": bool(row["label"] != first_label)})
             continue
         members = {"jpg": jpeg, "json": row}
         if row["label_index"] >= 0:
@@ -179,7 +189,7 @@ def _finish(writer: ArtifactWriter, listing: SourceListing, settings: IngestSett
     manifest = read_index(writer.storage, writer.staging, SHARD_NAME)
     rejects = pd.DataFrame([asdict(r) for r in listing.rejects] + progress.all_rejects(),
                            columns=["uri", "reason", "detail", "sample_id", "stage"])
-    duplicates = pd.DataFrame(progress.all_duplicates(), columns=["sample_id", "duplicate_of", "uri"])
+    duplicates = pd.DataFrame(progress.all_duplicates(), columns=DUPLICATE_COLUMNS)
     for name, df in (("manifest", manifest), ("rejects", rejects), ("duplicates", duplicates)):
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
@@ -221,7 +231,7 @@ class _Progress:
     writer: ArtifactWriter
     shards: int = 0
     next_record: int = 0
-    seen: dict[str, str] = field(default_factory=dict)
+    seen: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # content hash -> (sample_id, label)
     rejects: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
     _saved: list[dict] = field(default_factory=list)
@@ -238,7 +248,7 @@ class _Progress:
         if progress.shards:
             index = read_index(writer.storage, writer.staging, SHARD_NAME)
             index = index[index["shard"] < f"{SHARD_NAME}-{progress.shards:06d}"]
-            progress.seen = dict(zip(index["content_hash"], index["sample_id"]))
+            progress.seen = {h: (s, label) for h, s, label in zip(index["content_hash"], index["sample_id"], index["label"])}
         return progress
 
     def save_shard(self, shard: int, rows: list[dict]) -> None:

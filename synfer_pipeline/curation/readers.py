@@ -1,8 +1,12 @@
 """Readers for face datasets in their real layouts, local or on S3 (through fsspec).
 
 Each reader turns a source into `SourceRecord`s (one per image, labels mapped to `vocab.EXPRESSIONS` names) and
-`Reject`s for what cannot be used (unknown labels, label rows without a file, files without a label row). A
-missing or empty source raises `SourceError` naming the path. Images are not decoded here.
+`Reject`s for what cannot be used. Every field of every label row is checked; a bad row is rejected with its reason
+and the rest goes on: `missing_field` (an empty cell, named), `bad_field` (a value of the wrong kind, named),
+`bad_pixels` (FER2013: a non-numeric token, the wrong count or a value outside 0..255, each said exactly),
+`bad_box` (a face box of no size), `unknown_label`, `duplicate_row` (the same image named twice: kept once, never two
+samples under one key), `missing_file`, `unlabelled_file`. A missing source, a label file without its image folder
+and an empty label file raise `SourceError` naming the path. Images are not decoded here.
 
 Formats: `rafdb`, `affectnet`, `fer2013` (optionally with FERPlus votes), `folder` (one folder per class, e.g.
 SFEW; split folders allowed) and `unlabelled` (FFHQ, CelebA-HQ, any image folder).
@@ -31,6 +35,7 @@ AFFECTNET_EXCLUDED = {8: "none", 9: "uncertain", 10: "no-face"}
 FER2013_CODES = {0: "anger", 1: "disgust", 2: "fear", 3: "happy", 4: "sad", 5: "surprise", 6: "neutral"}
 FER2013_USAGE = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 FERPLUS_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
+_INTEGER = re.compile(r"[+-]?\d+")
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -127,10 +132,15 @@ def read_rafdb(fs, root: str, source: str, options: dict) -> SourceListing:
     if not fs.exists(label_file):
         raise SourceError(f"RAF-DB label file {label_file} is missing")
     image_dir = posixpath.join(root, "Image", variant)
-    files, ignored = _find_files(fs, image_dir) if fs.exists(image_dir) else ({}, 0)
+    if not fs.exists(image_dir):
+        raise SourceError(f"RAF-DB label file {label_file} has no image folder: {image_dir} does not exist")
+    lines = fs.cat_file(label_file).decode("utf-8", "replace").splitlines()
+    if not any(line.strip() for line in lines):
+        raise SourceError(f"RAF-DB label file {label_file} is empty")
+    files, ignored = _find_files(fs, image_dir)
     listing = SourceListing(ignored=ignored)
     labelled = set()
-    for n, line in enumerate(fs.cat_file(label_file).decode("utf-8", "replace").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         parts = line.split()
@@ -138,6 +148,9 @@ def read_rafdb(fs, root: str, source: str, options: dict) -> SourceListing:
         stem, ext = posixpath.splitext(name_in_list)
         rel = f"{stem}_aligned{ext}" if variant == "aligned" else name_in_list
         uri = posixpath.join(image_dir, rel)
+        if rel in labelled:
+            listing.rejects.append(Reject(uri, "duplicate_row", f"{label_file} line {n} names {name_in_list} again"))
+            continue
         labelled.add(rel)
         if len(parts) != 2 or not parts[1].isdigit():
             listing.rejects.append(Reject(uri, "bad_label_row", f"{label_file} line {n}: {line.strip()!r}"))
@@ -160,35 +173,24 @@ def _require_columns(df: pd.DataFrame, columns: tuple[str, ...], path: str) -> N
         raise SourceError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
 
 
+AFFECTNET_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression")
+
+
 def read_affectnet(fs, root: str, source: str, options: dict) -> SourceListing:
     """AffectNet: `Manually_Annotated_Images/` + `training.csv`/`validation.csv` with face boxes and 0..10 codes."""
     image_dir = posixpath.join(root, options.get("image_dir", "Manually_Annotated_Images"))
+    csvs = [(posixpath.join(root, name), split) for name, split in (("training.csv", "train"), ("validation.csv", "val"))
+            if fs.exists(posixpath.join(root, name))]
+    if csvs and not fs.exists(image_dir):
+        raise SourceError(f"AffectNet label file {csvs[0][0]} has no image folder: {image_dir} does not exist")
     files, ignored = _find_files(fs, image_dir) if fs.exists(image_dir) else ({}, 0)
     listing = SourceListing(ignored=ignored)
-    seen = set()
-    for csv_name, split in (("training.csv", "train"), ("validation.csv", "val")):
-        path = posixpath.join(root, csv_name)
-        if not fs.exists(path):
-            continue
-        df = pd.read_csv(io.BytesIO(fs.cat_file(path)))
-        _require_columns(df, ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression"), path)
-        for row in df.itertuples(index=False):
-            rel = str(row.subDirectory_filePath)
-            uri = posixpath.join(image_dir, rel)
-            seen.add(rel)
-            code = pd.to_numeric(row.expression, errors="coerce")
-            if pd.isna(code):
-                listing.rejects.append(Reject(uri, "bad_label_row", f"{path}: expression {row.expression!r}"))
-            elif int(code) in AFFECTNET_EXCLUDED:
-                listing.rejects.append(Reject(uri, "excluded_label", f"{path}: {AFFECTNET_EXCLUDED[int(code)]} ({int(code)})"))
-            elif int(code) not in AFFECTNET_CODES:
-                listing.rejects.append(Reject(uri, "unknown_label", f"{path}: expression code {int(code)} not in 0..10"))
-            elif rel not in files:
-                listing.rejects.append(Reject(uri, "missing_file", f"{path} names a file that is not there"))
-            else:
-                box = tuple(float(v) for v in (row.face_x, row.face_y, row.face_width, row.face_height))
-                listing.records.append(SourceRecord(sample_id(source, rel), source, split, AFFECTNET_CODES[int(code)],
-                                                    uri, files[rel], box=box if all(np.isfinite(box)) else None))
+    seen: set[str] = set()
+    for path, split in csvs:
+        df = _read_label_csv(fs, path, AFFECTNET_COLUMNS)
+        for line, row in enumerate(df.itertuples(index=False), 2):
+            record_or_reject = _affectnet_row(row, f"{path} line {line}", image_dir, files, seen, source, split)
+            (listing.records if isinstance(record_or_reject, SourceRecord) else listing.rejects).append(record_or_reject)
     if not seen and files:
         raise SourceError(f"AffectNet source {root} has images but neither training.csv nor validation.csv")
     for rel in sorted(set(files) - seen):
@@ -196,31 +198,98 @@ def read_affectnet(fs, root: str, source: str, options: dict) -> SourceListing:
     return listing
 
 
+def _affectnet_row(row, where: str, image_dir: str, files: dict, seen: set, source: str, split: str):
+    """One AffectNet csv row -> a SourceRecord, or a Reject saying which field is wrong."""
+    rel = str(row.subDirectory_filePath) if _present(row.subDirectory_filePath) else ""
+    uri = posixpath.join(image_dir, rel)
+    if rel and rel in seen:
+        return Reject(uri, "duplicate_row", f"{where} names {rel} again")
+    seen.add(rel)  # a row naming the file, even a bad one, means the file is not unlabelled
+    empty = [c for c in AFFECTNET_COLUMNS if not _present(getattr(row, c))]
+    if empty:
+        return Reject(uri, "missing_field", f"{where}: {', '.join(empty)} empty")
+    values = {c: pd.to_numeric(getattr(row, c), errors="coerce") for c in AFFECTNET_COLUMNS[1:]}
+    bad = [f"{c} {getattr(row, c)!r}" for c, v in values.items() if pd.isna(v)]
+    if bad:
+        return Reject(uri, "bad_field", f"{where}: {', '.join(bad)} is not a number")
+    code = int(values["expression"])
+    if code in AFFECTNET_EXCLUDED:
+        return Reject(uri, "excluded_label", f"{where}: {AFFECTNET_EXCLUDED[code]} ({code})")
+    if code not in AFFECTNET_CODES:
+        return Reject(uri, "unknown_label", f"{where}: expression code {code} not in 0..10")
+    box = tuple(float(values[c]) for c in AFFECTNET_COLUMNS[1:5])
+    if box[2] <= 0 or box[3] <= 0:
+        return Reject(uri, "bad_box", f"{where}: face box {box} has no area")
+    if rel not in files:
+        return Reject(uri, "missing_file", f"{where} names a file that is not there")
+    return SourceRecord(sample_id(source, rel), source, split, AFFECTNET_CODES[code], uri, files[rel], box=box)
+
+
+def _present(value) -> bool:
+    return not (value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "")
+
+
+def _read_label_csv(fs, path: str, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A label csv read as text (every cell checked by the reader, nothing coerced silently); errors name the file."""
+    data = fs.cat_file(path)
+    if not data.strip():
+        raise SourceError(f"label file {path} is empty")
+    try:
+        df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise SourceError(f"label file {path} is not a readable csv: {e}") from None
+    _require_columns(df, columns, path)
+    return df
+
+
 def read_fer2013(fs, root: str, source: str, options: dict) -> SourceListing:
     """FER2013: one CSV (emotion 0..6, 48x48 grey `pixels`, Usage); optional FERPlus majority-vote labels."""
     path = root if root.endswith(".csv") else posixpath.join(root, options.get("csv", "fer2013.csv"))
     if not fs.exists(path):
         raise SourceError(f"FER2013 csv {path} does not exist")
-    df = pd.read_csv(io.BytesIO(fs.cat_file(path)), dtype={"pixels": str})
-    _require_columns(df, ("emotion", "pixels", "Usage"), path)
+    df = _read_label_csv(fs, path, ("emotion", "pixels", "Usage"))
     votes = _ferplus_labels(fs, options["ferplus_csv"], len(df)) if options.get("ferplus_csv") else None
     info = fs.info(path)
     stamp = f"{info.get('size', -1)}:{info.get('mtime') or info.get('LastModified') or info.get('ETag') or ''}"
     listing = SourceListing()
     for i, row in enumerate(df.itertuples(index=False)):
-        uri = f"{path}#row={i}"
-        sid = sample_id(source, f"{i:06d}")
-        label = votes[i] if votes is not None else FER2013_CODES.get(pd.to_numeric(row.emotion, errors="coerce"))
-        values = np.array(str(row.pixels).split(), dtype=np.int64) if isinstance(row.pixels, str) else np.array([])
+        uri, sid, where = f"{path}#row={i}", sample_id(source, f"{i:06d}"), f"{path} row {i} (line {i + 2})"
+        empty = [c for c in ("emotion", "pixels", "Usage") if not _present(getattr(row, c))]
+        if empty:
+            listing.rejects.append(Reject(uri, "missing_field", f"{where}: {', '.join(empty)} empty", sid))
+            continue
+        code = pd.to_numeric(row.emotion, errors="coerce")
+        label = votes[i] if votes is not None else FER2013_CODES.get(int(code)) if pd.notna(code) and code == int(code) else None
+        pixels, problem = parse_pixels(row.pixels, 48 * 48)
         if label is None:
-            listing.rejects.append(Reject(uri, "unknown_label", f"emotion {row.emotion!r} not in 0..6", sid))
-        elif values.size != 48 * 48 or values.min(initial=0) < 0 or values.max(initial=0) > 255:
-            listing.rejects.append(Reject(uri, "corrupt", f"pixels has {values.size} values, expected 2304 in 0..255", sid))
+            detail = (f"FERPlus {options['ferplus_csv']} row {i} gives no majority expression (a tie, unknown or "
+                      "not-a-face, or unreadable votes)" if votes is not None else f"emotion {row.emotion!r} not in 0..6")
+            listing.rejects.append(Reject(uri, "unknown_label", f"{where}: {detail}", sid))
+        elif problem:
+            listing.rejects.append(Reject(uri, "bad_pixels", f"{where}: {problem}", sid))
+        elif str(row.Usage) not in FER2013_USAGE:
+            listing.rejects.append(Reject(uri, "bad_field", f"{where}: Usage {row.Usage!r} is not one of "
+                                          f"{', '.join(FER2013_USAGE)}", sid))
         else:
-            split = FER2013_USAGE.get(str(row.Usage), "train")
-            listing.records.append(SourceRecord(sid, source, split, label, uri, stamp,
-                                                pixels=values.astype(np.uint8).reshape(48, 48)))
+            listing.records.append(SourceRecord(sid, source, FER2013_USAGE[str(row.Usage)], label, uri, stamp,
+                                                pixels=pixels.reshape(48, 48)))
     return listing
+
+
+def parse_pixels(text: str, expected: int) -> tuple[np.ndarray | None, str]:
+    """A space-separated pixel string -> (uint8 array, "") or (None, what is wrong with it, exactly)."""
+    tokens = str(text).split()
+    for position, token in enumerate(tokens):
+        if not _INTEGER.fullmatch(token):
+            return None, f"pixel {position} is {token!r}, not a number"
+    if len(tokens) != expected:
+        return None, f"{len(tokens)} pixel values, expected {expected}"
+    values = np.array(tokens, dtype=np.int64)
+    outside = np.flatnonzero((values < 0) | (values > 255))
+    if len(outside):
+        more = f" ({len(outside)} such)" if len(outside) > 1 else ""
+        return None, f"pixel {outside[0]} is {values[outside[0]]}, outside 0..255{more}"
+    return values.astype(np.uint8), ""
 
 
 def _ferplus_labels(fs, path: str, n: int) -> list[str | None]:
@@ -229,10 +298,14 @@ def _ferplus_labels(fs, path: str, n: int) -> list[str | None]:
     _require_columns(df, FERPLUS_COLUMNS, path)
     if len(df) != n:
         raise SourceError(f"{path} has {len(df)} rows but the FER2013 csv has {n}")
-    counts = df[list(FERPLUS_COLUMNS)].to_numpy()
-    rest = df[[c for c in ("unknown", "NF") if c in df.columns]].to_numpy().max(axis=1, initial=0)
+    votes = df[list(FERPLUS_COLUMNS) + [c for c in ("unknown", "NF") if c in df.columns]].apply(pd.to_numeric, errors="coerce")
+    counts = votes[list(FERPLUS_COLUMNS)].to_numpy()
+    rest = votes.drop(columns=list(FERPLUS_COLUMNS)).to_numpy().max(axis=1, initial=0)
     out = []
     for row, other in zip(counts, rest):
+        if np.isnan(row).any() or np.isnan(other):
+            out.append(None)  # unreadable votes: no label
+            continue
         top = row.max()
         winners = np.flatnonzero(row == top)
         out.append(canonical_expression(FERPLUS_COLUMNS[winners[0]]) if top > other and len(winners) == 1 else None)
