@@ -25,7 +25,7 @@ TRACE = 0.25
 EXPRESSION_TERMS: dict[str, dict[str, float]] = {
     "neutral": {
         "neutral": FULL, "neutrality": FULL, "expressionless": FULL, "impassive": FULL, "emotionless": FULL,
-        "unemotional": FULL, "deadpan": FULL, "blank": WEAK, "poker face": FULL, "straight face": CUE,
+        "unemotional": FULL, "deadpan": FULL, "blank": WEAK, "blankly": CUE, "blank stare": CUE, "poker face": FULL, "straight face": CUE,
         "no particular emotion": FULL, "no particular expression": FULL, "no emotion": FULL, "no visible emotion": FULL,
         "no strong emotion": FULL, "no apparent emotion": FULL, "lack of emotion": FULL, "lack of expression": FULL,
         "without emotion": FULL, "devoid of emotion": FULL, "free of emotion": FULL,
@@ -49,7 +49,7 @@ EXPRESSION_TERMS: dict[str, dict[str, float]] = {
         "crying": FULL, "tearful": FULL, "weeping": FULL, "grief": FULL, "grieving": FULL, "mournful": FULL,
         "despair": FULL, "despondent": FULL, "dejected": FULL, "miserable": FULL, "heartbroken": FULL,
         "depressed": FULL, "upset": CUE, "forlorn": FULL, "disappointed": CUE, "disappointment": CUE,
-        "sullen": CUE, "glum": FULL, "somber": CUE, "sombre": CUE,
+        "sullen": CUE, "glum": FULL, "somber": CUE, "sombre": CUE, "tears": CUE, "fights back tears": FULL,
     },
     "surprise": {
         "surprise": FULL, "surprised": FULL, "astonished": FULL, "astonishment": FULL, "amazed": FULL,
@@ -125,7 +125,7 @@ FACE_WORDS: tuple[str, ...] = (
     "face", "faces", "facial", "expression", "expressions", "eye", "eyes", "eyelid", "eyelids", "lid", "lids",
     "brow", "brows", "eyebrow", "eyebrows", "forehead", "nose", "nostril", "nostrils", "cheek", "cheeks",
     "cheekbones", "mouth", "lip", "lips", "teeth", "jaw", "chin", "gaze", "stare", "staring", "glance", "frown",
-    "frowning", "wrinkles", "wrinkled", "dimples",
+    "frowning", "wrinkles", "wrinkled", "dimples", "features",
 )
 
 

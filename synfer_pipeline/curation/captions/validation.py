@@ -4,17 +4,20 @@ A caption from the multimodal LLM is kept only if it is a well-formed descriptio
 asserts agrees with the image's expression label. The paper reports that this filter raised caption/expression
 alignment on 100 hand-checked pairs from 62% to 81%.
 
-Reason codes of a rejected caption (stable, machine-readable; checked in this order, the first failure is reported):
+Reason codes of a rejected caption (stable, machine-readable). What a caption says is judged before how it says it:
+the first failure in this order is reported, so a short or cut-off caption that names the wrong expression is
+reported as a mismatch, and length never stands in for correctness.
 
 - `empty`: nothing but whitespace.
 - `garbage`: mostly non-letters (markup, numbers, mojibake, another script) or a run-on token of 40+ characters.
-- `too_short` / `too_long`: fewer than `min_words` / more than `max_words` words.
+- `expression_mismatch:<asserted>!=<expected>`: asserts a different expression than the image's label.
+- `no_face_content`: names no face part and no expression.
+- `ambiguous_expression`: two expressions are asserted with equal weight.
+- `no_expression`: asserts no expression while the image's is known (only with `ValidationRules.require_expression`).
+- `too_short` / `too_long`: a fragment of fewer than `min_words` words ("A happy woman.") / more than `max_words`.
+  A short sentence that states the expression ("He looks furious, scowling with a clenched jaw.") is kept.
 - `truncated`: does not end with sentence punctuation, ends in an ellipsis, or ends on a dangling word ("and.", "the.").
 - `repetition`: the same word many times in a row, the same sentence twice, or many repeated n-grams (a decoding loop).
-- `no_face_content`: names no face part and no expression.
-- `no_expression`: asserts no expression while the image's is known (only with `ValidationRules.require_expression`).
-- `ambiguous_expression`: two expressions are asserted with equal weight.
-- `expression_mismatch:<asserted>!=<expected>`: asserts a different expression than the image's label.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class ParsedExpression:
 
 @settings
 class ValidationRules:
-    """Thresholds of caption validation; defaults suit FEText-style captions (~60-120 words).
+    """Thresholds of caption validation; defaults suit FEText-style captions (~60-120 words) and short ones alike.
 
     require_expression: reject a caption that asserts no expression when the image's expression is known.
       True by default: the filter exists to align text with label, and a caption silent about the expression
@@ -59,7 +62,7 @@ class ValidationRules:
       "slight smile" 0.25, "displaying a sad expression" 3.0).
     """
 
-    min_words: int = 20
+    min_words: int = 4      # fewer words is a fragment, not a caption
     max_words: int = 300
     min_letter_ratio: float = 0.7
     max_token_chars: int = 40
@@ -207,7 +210,8 @@ def form_reason(caption: str, rules: ValidationRules = DEFAULT_RULES) -> str | N
     return _form_reason(caption, " ".join(words), words, rules)
 
 
-def _form_reason(caption: str, text: str, words: list[str], rules: ValidationRules) -> str | None:
+def _unreadable_reason(caption: str, text: str, words: list[str], rules: ValidationRules) -> str | None:
+    """`empty` or `garbage`: there is no text to judge."""
     if not words:
         return "empty"
     letters = len(caption.encode("ascii", "ignore").translate(None, _NON_LETTER_BYTES))
@@ -215,6 +219,13 @@ def _form_reason(caption: str, text: str, words: list[str], rules: ValidationRul
         return "garbage"
     if max(map(len, words)) > rules.max_token_chars:
         return "garbage"
+    return None
+
+
+def _form_reason(caption: str, text: str, words: list[str], rules: ValidationRules) -> str | None:
+    unreadable = _unreadable_reason(caption, text, words, rules)
+    if unreadable is not None:
+        return unreadable
     if len(words) < rules.min_words:
         return "too_short"
     if len(words) > rules.max_words:
@@ -280,24 +291,33 @@ def validate_caption(
         return Verdict(False, "empty", None)
     words = _words(caption)
     text = " ".join(words)
-    reason = _form_reason(caption, text, words, rules)
+    reason = _unreadable_reason(caption, text, words, rules)
     if reason is not None:
         return Verdict(False, reason, None)
     parsed = _parse(text, words, rules.min_expression_score)
-    if not _mentions_face(parsed, text):
-        return Verdict(False, "no_face_content", None)
     asserted = parsed.expression
-    if expected is None:
-        return Verdict(True, None, asserted)
-    if asserted is None:
-        if _is_tie(parsed.scores, rules.min_expression_score):
-            return Verdict(False, "ambiguous_expression", None)
-        if rules.require_expression:
-            return Verdict(False, "no_expression", None)
-        return Verdict(True, None, None)
-    if asserted != expected:
-        return Verdict(False, f"expression_mismatch:{asserted}!={expected}", asserted)
+    substantive = _substantive_reason(parsed, text, asserted, expected, rules)
+    if substantive is not None:
+        return Verdict(False, substantive, asserted if substantive.startswith("expression_mismatch") else None)
+    form = _form_reason(caption, text, words, rules)
+    if form is not None:
+        return Verdict(False, form, None)
     return Verdict(True, None, asserted)
+
+
+def _substantive_reason(parsed: ParsedExpression, text: str, asserted: str | None, expected: str | None,
+                        rules: ValidationRules) -> str | None:
+    """What is wrong with what the caption says, before how it says it (module docstring order)."""
+    if expected is not None and asserted is not None and asserted != expected:
+        return f"expression_mismatch:{asserted}!={expected}"
+    if not _mentions_face(parsed, text):
+        return "no_face_content"
+    if expected is not None and asserted is None:
+        if _is_tie(parsed.scores, rules.min_expression_score):
+            return "ambiguous_expression"
+        if rules.require_expression:
+            return "no_expression"
+    return None
 
 
 def validate_captions(
