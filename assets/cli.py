@@ -3,7 +3,8 @@
     synfer demo-data            write the built-in toy-face datasets where the profile expects them
     synfer demo                 demo data + materialize every asset of the graph into the local instance
     synfer lineage ASSET        which exact upstream materializations fed the latest (or --run-id) materialization
-    synfer retention --keep N   delete all but the N newest published versions of every asset partition
+    synfer retention --keep N   delete all but the N newest published versions of every asset partition (and what
+                                they were built from stays), plus old work-in-progress leftovers
 """
 
 from __future__ import annotations
@@ -89,23 +90,31 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_retention(args: argparse.Namespace) -> int:
-    """Reruns never delete; this does, keeping the latest materialization Dagster records for every partition."""
+    """Reruns never delete; this does. It keeps the latest materialization Dagster records for every partition,
+    the newest `--keep` versions, everything those were built from, and work in progress a live run holds."""
     ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from assets.lineage import latest_uris
+    from assets.lineage import latest_uris, materialization_order
     from synfer_pipeline.config import load_profile
-    from synfer_pipeline.io.storage import Storage, retention_plan
+    from synfer_pipeline.io.retention import apply, retention_plan
+    from synfer_pipeline.io.storage import Storage
 
     storage = Storage(load_profile(args.profile).storage_root)
     with DagsterInstance.get() as instance:
-        protect = latest_uris(instance)
-    doomed = retention_plan(storage, args.keep, protect)
-    for uri in doomed:
-        print(("would delete " if args.dry_run else "deleting ") + uri)
-        if not args.dry_run:
-            storage.fs.rm(uri, recursive=True)
-    print(f"{len(doomed)} version folder(s) {'to delete' if args.dry_run else 'deleted'}; {len(protect)} latest kept")
+        protect, order = latest_uris(instance), materialization_order(instance)
+    plan = retention_plan(storage, args.keep, protect, order, leftover_age_s=args.leftovers_older_than * 3600)
+    verb = "would delete" if args.dry_run else "deleting"
+    for uri in plan.versions:
+        print(f"{verb} version {uri}")
+    for uri in plan.leftovers:
+        print(f"{verb} leftover {uri}")
+    for uri in plan.kept_for_lineage:
+        print(f"keeping {uri} (a kept version was built from it)")
+    if not args.dry_run:
+        apply(storage, plan)
+    print(f"{len(plan.versions)} version folder(s) and {len(plan.leftovers)} leftover(s) "
+          f"{'to delete' if args.dry_run else 'deleted'}; {len(protect)} latest kept")
     return 0
 
 
@@ -134,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_lineage)
     p = sub.add_parser("retention", help="delete old published versions (never the latest materialization)")
     p.add_argument("--keep", type=int, required=True)
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--leftovers-older-than", type=float, default=168.0, metavar="HOURS",
+                   help="also remove _staging/_work/_cache/_leases leftovers unchanged this long (default 168 h)")
+    p.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     p.add_argument("--profile", default=None)
     p.set_defaults(func=cmd_retention)
     args = parser.parse_args(argv)

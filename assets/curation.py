@@ -59,7 +59,7 @@ def superres_faces(context: AssetExecutionContext, raw_faces: ArtifactRef, stora
     cfg, spec = profile.superres, profile.models.superres
     upscaler = load_upscaler(spec, compute.device, compute.dtype)
     writer = store.artifact("superres_faces", dataset.name, stage_key(SUPERRES_VERSION, raw_faces.data_version, cfg,
-                                                                      upscaler.describe(), dataset.native_hr))
+                                                                      upscaler.describe(), dataset.native_hr), owner=context.run_id, log=context.log.info)
     index = map_shards(store, raw_faces, "faces", writer, "faces",
                        lambda samples: superresolve_samples(samples, upscaler, cfg, dataset.native_hr), context.log.info)
     ref = publish_dataset(writer, {"manifest": index}, context.run_id,
@@ -102,7 +102,7 @@ def au_detector(context: AssetExecutionContext, superres_faces: dict, storage: S
         cfg = dataclasses.replace(stage.train, device=compute.device)
         detector, metrics = train_au_detector(images, np.concatenate(targets), keys, profile.au_names, cfg)
         source = {k: r.data_version for k, r in superres_faces.items()}
-    writer = store.artifact("au_detector", "all", stage_key(AU_DETECTOR_VERSION, spec, stage, profile.au_names, source))
+    writer = store.artifact("au_detector", "all", stage_key(AU_DETECTOR_VERSION, spec, stage, profile.au_names, source), owner=context.run_id, log=context.log.info)
     with tempfile.TemporaryDirectory() as tmp:
         detector.save(tmp)
         version = AUDetector.version(tmp)
@@ -138,7 +138,7 @@ def au_labels(context: AssetExecutionContext, superres_faces: ArtifactRef, au_de
     fer_spec = profile.models.fer_reference
     fer = load_fer_classifier(fer_spec, compute.device) if fer_spec else None
     writer = store.artifact("au_labels", context.partition_key, stage_key(
-        AU_LABELS_VERSION, superres_faces.data_version, au_detector.data_version, fer.describe() if fer else None))
+        AU_LABELS_VERSION, superres_faces.data_version, au_detector.data_version, fer.describe() if fer else None), owner=context.run_id, log=context.log.info)
     table = map_shards_to_table(store, superres_faces, "faces", writer, "au_labels",
                                 lambda samples: annotate_samples(samples, detector, fer), context.log.info)
     ref = publish_dataset(writer, {"au_labels": table}, context.run_id, {"samples": len(table)},
@@ -174,7 +174,7 @@ def mllm_captions(context: AssetExecutionContext, superres_faces: ArtifactRef, a
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=CAPTION_COLUMNS)
     writer = store.artifact("mllm_captions", context.partition_key,
                             stage_key(CAPTIONS_VERSION, superres_faces.data_version, au_labels.data_version,
-                                      captioner.cache_key))
+                                      captioner.cache_key), owner=context.run_id, log=context.log.info)
     ref = publish_dataset(writer, {"captions": table}, context.run_id, {"samples": len(table), "newly_captioned": new},
                           {"superres_faces": superres_faces.summary(), "au_labels": au_labels.summary(),
                            "captioner": captioner.describe()})

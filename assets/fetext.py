@@ -35,7 +35,7 @@ def fetext(context: AssetExecutionContext, superres_faces: dict, au_labels: dict
     inputs = {f"{asset}/{pk}": ref.summary() for asset, refs in
               (("superres_faces", superres_faces), ("au_labels", au_labels), ("mllm_captions", mllm_captions))
               for pk, ref in sorted(refs.items())}
-    writer = store.artifact("fetext", "all", stage_key({k: v["data_version"] for k, v in inputs.items()}, cfg))
+    writer = store.artifact("fetext", "all", stage_key({k: v["data_version"] for k, v in inputs.items()}, cfg), owner=context.run_id, log=context.log.info)
     for pk in sorted(superres_faces):
         check_joinable(pk, superres_faces[pk], au_labels[pk], mllm_captions[pk])
     reports, shard_index = [], 0

@@ -64,6 +64,14 @@ def _finish(context, workspace: TrainingWorkspace, report, inputs: dict, base: s
     })
 
 
+def _workspace(context, store, cfg: TrainSettings, code_version: str, *inputs) -> TrainingWorkspace:
+    """This run's training workspace, keyed by code version, inputs and the settings that change the numbers (not the
+    checkpoint cadence or limit, which may change on resume)."""
+    writer = store.artifact(context.asset_key.to_user_string(), "all", stage_key(code_version, *inputs, cfg.numerics()),
+                            owner=context.run_id, log=context.log.info)
+    return TrainingWorkspace(writer, keep=cfg.checkpoints_total_limit)
+
+
 def _log(context):
     def log(record: dict) -> None:
         if record.get("step", 0) % 50 == 0:
@@ -78,8 +86,7 @@ def diffusion_stage1(context: AssetExecutionContext, fetext: ArtifactRef, storag
     """Stage 1: the base diffusion model fine-tuned on all of FEText (learns expression semantics)."""
     profile, store = settings.get(), storage.get()
     base, cfg = profile.base_model_id(), profile.generator.stage1
-    workspace = TrainingWorkspace(store.artifact("diffusion_stage1", "all", stage_key(
-        STAGE1_VERSION, fetext.data_version, base, model_fingerprint(base), cfg.numerics())))
+    workspace = _workspace(context, store, cfg, STAGE1_VERSION, fetext.data_version, base, model_fingerprint(base))
     report = train_unet(cfg, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir, workspace.state_dir,
                         workspace.on_checkpoint, _log(context))
     grid = sample_grid(workspace.output_dir, class_prompts(), seed=cfg.seed, steps=20, resolution=cfg.resolution)
@@ -96,9 +103,7 @@ def diffusion_stage2(context: AssetExecutionContext, diffusion_stage1: ArtifactR
     if not cfg.native_hr_only:
         raise ValueError("generator.stage2 must set native_hr_only: true (stage 2 trains on CelebA-HQ/FFHQ only)")
     base = str(store.local_folder(diffusion_stage1.uri))
-    workspace = TrainingWorkspace(store.artifact("diffusion_stage2", "all",
-                                                 stage_key(STAGE2_VERSION, diffusion_stage1.data_version,
-                                                           fetext.data_version, cfg.numerics())))
+    workspace = _workspace(context, store, cfg, STAGE2_VERSION, diffusion_stage1.data_version, fetext.data_version)
     report = train_unet(cfg, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir, workspace.state_dir,
                         workspace.on_checkpoint, _log(context))
     grid = sample_grid(workspace.output_dir, class_prompts(), seed=cfg.seed, steps=20, resolution=cfg.resolution)
@@ -115,9 +120,8 @@ def au_adapter(context: AssetExecutionContext, diffusion_stage2: ArtifactRef, fe
     profile, store = settings.get(), storage.get()
     cfg, adapter = profile.generator.au_adapter, profile.adapter_config()
     base = str(store.local_folder(diffusion_stage2.uri))
-    workspace = TrainingWorkspace(store.artifact("au_adapter", "all",
-                                                 stage_key(ADAPTER_VERSION, diffusion_stage2.data_version,
-                                                           fetext.data_version, cfg.numerics(), adapter)))
+    workspace = _workspace(context, store, cfg, ADAPTER_VERSION, diffusion_stage2.data_version, fetext.data_version,
+                           adapter)
     report = train_au_adapter(cfg, adapter, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir,
                               workspace.state_dir, workspace.on_checkpoint, _log(context))
     vectors = [au_vector(EXPRESSION_AUS[e], profile.au_names, outside="drop").tolist() for e in EXPRESSIONS_7]

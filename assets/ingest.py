@@ -40,7 +40,7 @@ def raw_faces(context: AssetExecutionContext, storage: StorageResource, settings
     store = storage.get()
     listing = read_source(dataset.format, dataset.uri, dataset.name, dataset.options)
     key = stage_key(CODE_VERSION, dataset.format, dataset.uri, dataset.options, dataset.ingest, listing_fingerprint(listing))
-    result = ingest(listing, dataset.ingest, store.artifact("raw_faces", dataset.name, key), context.run_id)
+    result = ingest(listing, dataset.ingest, store.artifact("raw_faces", dataset.name, key, owner=context.run_id, log=context.log.info), context.run_id)
     rate = reject_rate(len(result.manifest), len(result.duplicates), result.rejects)
     reasons = result.rejects["reason"].value_counts().to_dict() if len(result.rejects) else {}
     yield Output(result.ref, data_version=DataVersion(result.ref.data_version), metadata={

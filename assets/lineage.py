@@ -123,3 +123,14 @@ def latest_uris(instance: DagsterInstance) -> set[str]:
             if ref is not None:
                 uris.add(ref.value["uri"])
     return uris
+
+
+def materialization_order(instance: DagsterInstance) -> dict[str, int]:
+    """uri -> the event id of the newest materialization that published it (higher is newer), every asset."""
+    order: dict[str, int] = {}
+    for key in instance.get_asset_keys():
+        for record in instance.fetch_materializations(AssetRecordsFilter(asset_key=key), limit=100_000).records:
+            ref = record.asset_materialization.metadata.get(REF_KEY)
+            if ref is not None:
+                order[ref.value["uri"]] = max(order.get(ref.value["uri"], -1), record.storage_id)
+    return order

@@ -7,7 +7,8 @@ and colour-jittered, so every file is unique and holds a real face). In the same
   baseline  -- PIL open + resize to the crop size + JPEG save to a file, per image
   aligned   -- ingest as for aligned sources (FFHQ, CelebA-HQ, RAF-DB aligned, FER2013; AffectNet's known boxes):
                decode, pixel hash, crop, resize, JPEG encode, shard write, manifest
-  detect    -- the same with OpenCV Haar face detection (in-the-wild sources such as SFEW)
+  detect    -- the same with face detection (in-the-wild sources such as SFEW): BlazeFace (the default), then
+               OpenCV Haar for comparison, each against a baseline run right after it
 Peak memory is the max RSS of a fresh process ingesting N and 5N images (aligned path).
 The last lines are `ingest_ratio: X` (aligned / baseline) and `memory_growth: Y` (peak at 5N / peak at N).
 """
@@ -35,6 +36,7 @@ from synfer_pipeline.curation.readers import read_source  # noqa: E402
 from synfer_pipeline.io.storage import Storage, stage_key  # noqa: E402
 
 FACE_SIZE = 128
+DETECTOR = "blazeface"  # the pipeline's default detector; Haar is measured beside it
 
 
 def synthesize(folder: Path, n: int, seed: int = 0, start: int = 0) -> None:
@@ -102,8 +104,11 @@ def main() -> None:
         detect_dir.mkdir(parents=True)
         for f in detect_files:
             os.link(f, detect_dir / f.name)
-        detect, found = pipeline(detect_dir.parent, tmp / "detect", IngestSettings(face_size=FACE_SIZE))
+        detect, found = pipeline(detect_dir.parent, tmp / "detect", IngestSettings(face_size=FACE_SIZE, detector=DETECTOR))
         base_detect = baseline(detect_files, tmp / "baseline3")
+        haar, found_haar = pipeline(detect_dir.parent, tmp / "detect_haar",
+                                    IngestSettings(face_size=FACE_SIZE, detector="opencv-haar"))
+        base_haar = baseline(detect_files, tmp / "baseline4")
 
         for dst in (large / "happy",):
             dst.mkdir(parents=True)
@@ -117,8 +122,11 @@ def main() -> None:
     print(f"images: {args.n} x 512 px JPEG, crops {FACE_SIZE} px, one core")
     print(f"baseline_img_per_s: {base_mean:.1f}  (before {base:.1f}, after {base_again:.1f})")
     print(f"aligned_img_per_s: {aligned:.1f}  (kept {kept})")
-    print(f"detect_img_per_s: {detect:.1f}  (Haar on {len(detect_files)} images, faces found in {found}; baseline {base_detect:.1f})")
+    print(f"detect_img_per_s: {detect:.1f}  ({DETECTOR} on {len(detect_files)} images, faces found in {found}; "
+          f"baseline {base_detect:.1f})")
     print(f"ingest_ratio_detect: {detect / base_detect:.3f}")
+    print(f"detect_haar_img_per_s: {haar:.1f}  (opencv-haar, faces found in {found_haar}; baseline {base_haar:.1f})")
+    print(f"ingest_ratio_detect_haar: {haar / base_haar:.3f}")
     print(f"peak_rss_mb_1x: {peak1:.0f}")
     print(f"peak_rss_mb_5x: {peak5:.0f}")
     print(f"ingest_ratio: {aligned / base_mean:.3f}")

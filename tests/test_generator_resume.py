@@ -32,8 +32,9 @@ def _kill_after_step(monkeypatch, step):
     monkeypatch.setattr(generator_module, "_log", log_then_die)
 
 
-def _stage1_twice(profile, monkeypatch, wipe_local_work=None):
-    """Stage 1 killed after step 3 (checkpoint at 2), then run again; returns the finished materialization."""
+def _stage1_twice(profile, monkeypatch, wipe_local_work=None, resume_profile=None):
+    """Stage 1 killed after step 3 (checkpoint at 2), then run again (optionally with another profile); returns the
+    finished materialization."""
     instance = DagsterInstance.ephemeral()
     curate(profile, instance)
     run_assets(profile, instance, ["fetext"])
@@ -43,7 +44,7 @@ def _stage1_twice(profile, monkeypatch, wipe_local_work=None):
             materialize(ALL, selection=["diffusion_stage1"], resources=build_resources(profile), instance=instance)
     if wipe_local_work:
         wipe_local_work()
-    run_assets(profile, instance, ["diffusion_stage1"])
+    run_assets(resume_profile or profile, instance, ["diffusion_stage1"])
     return latest(instance, "diffusion_stage1").asset_materialization
 
 
@@ -73,3 +74,13 @@ def test_on_s3_a_fresh_machine_resumes_from_the_uploaded_checkpoint(tmp_path, so
     assert f"run/diffusion_stage1/all/{version}/unet/diffusion_pytorch_model.safetensors" in keys
     assert f"run/diffusion_stage1/all/{version}/lineage.json" in keys
     assert not [k for k in keys if "/_work/" in k or "/_staging/" in k]  # step checkpoints gone once published
+
+
+def test_a_resume_may_change_the_checkpoint_cadence(tmp_path, sources, monkeypatch):
+    """Checkpoint cadence and limit are operational: changing them keeps the work key, so the run resumes."""
+    first = gen_profile(tmp_path, sources, "Describe the face.", train=RESUMABLE)
+    again = gen_profile(tmp_path, sources, "Describe the face.",
+                        train={**RESUMABLE, "checkpointing_steps": 1, "checkpoints_total_limit": 1})
+    assert first.storage_root == again.storage_root
+    resumed = _stage1_twice(first, monkeypatch, resume_profile=again)
+    assert resumed.metadata["resumed_from_step"].value == 2 and resumed.metadata["steps"].value == 4

@@ -107,19 +107,19 @@ class Killed(BaseException):
 
 
 def test_a_killed_run_resumes_at_the_next_shard_with_the_same_result(wild_folder, tmp_path, monkeypatch):
-    settings = IngestSettings(face_size=64, aligned=True, shard_size=2)
+    settings = IngestSettings(face_size=64, aligned=True, shard_size=2, batch=1)
     reference = _run(wild_folder, Storage(str(tmp_path / "uninterrupted")), settings)
     store = Storage(str(tmp_path / "store"))
     calls, kill = [], [True]
-    real = ingest_mod.process_record
+    real = ingest_mod._decoded
 
-    def dies_after_seven(record, s):
+    def dies_after_seven(record, s, full):
         calls.append(record.sample_id)
         if kill[0] and len(calls) == 8:
             raise Killed()
-        return real(record, s)
+        return real(record, s, full)
 
-    monkeypatch.setattr(ingest_mod, "process_record", dies_after_seven)
+    monkeypatch.setattr(ingest_mod, "_decoded", dies_after_seven)
     with pytest.raises(Killed):
         _run(wild_folder, store, settings)
     assert not store.published("raw_faces", "wild")

@@ -3,8 +3,18 @@ materializes the upstream while the step runs; lineage and Dagster's staleness v
 
 
 import pytest
-from dagster import (AssetExecutionContext, AssetIn, AssetKey, Config, DagsterInstance, DataVersion, Output,
-                     StaticPartitionsDefinition, asset, materialize)
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    Config,
+    DagsterInstance,
+    DataVersion,
+    Output,
+    StaticPartitionsDefinition,
+    asset,
+    materialize,
+)
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._core.execution.context.data_version_cache import DataVersionCache
 

@@ -58,7 +58,8 @@ def test_ingest_from_s3_to_s3_and_read_back(s3, tmp_path):
     assert all(isinstance(s["jpg"], Image.Image) and s["jpg"].size == (48, 48) for s in samples)
     assert sorted({int(s["cls"]) for s in samples}) == [0, 1, 2, 3, 4, 5, 6]
 
-    # No staging leftovers or temporary objects among the published files.
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="synfer", Prefix="artifacts/")["Contents"]]
+    # No staging leftovers or temporary objects among the published files (`_leases/` is the ownership log).
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="synfer", Prefix="artifacts/")["Contents"]
+            if not o["Key"].startswith("artifacts/_leases/")]
     assert all(k.startswith(f"artifacts/raw_faces/rafdb/{version}/") for k in keys)
     assert keys[-1].endswith("ref.json") or f"artifacts/raw_faces/rafdb/{version}/ref.json" in keys

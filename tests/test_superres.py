@@ -16,6 +16,7 @@ from synfer_pipeline.curation.superres import (
     load_upscaler,
     superresolve_samples,
 )
+from synfer_pipeline.io.versions import model_fingerprint
 
 
 def _samples(n, size, labelled=True):
@@ -39,7 +40,9 @@ def test_transformers_upscaler_with_a_tiny_swin2sr_doubles_the_size_batched(tiny
     upscaler = TransformersUpscaler(tiny_swin2sr)
     out = upscaler.upscale([face_like(16, i) for i in range(3)])
     assert [im.size for im in out] == [(32, 32)] * 3
-    assert upscaler.describe() == {"kind": "transformers", "model": tiny_swin2sr, "scale": 2, "dtype": "torch.float32"}
+    assert upscaler.describe() == {"kind": "transformers", "model": tiny_swin2sr, "scale": 2, "dtype": "torch.float32",
+                                   "weights": model_fingerprint(tiny_swin2sr)}
+    assert upscaler.describe()["weights"].startswith("sha256:")  # the weights' content, not the path
 
 
 def test_low_resolution_faces_are_upscaled_to_the_configured_resolution(tiny_swin2sr):

@@ -1,8 +1,9 @@
 """Face detection and face crops.
 
-The detector is a replaceable component: anything with `detect(rgb: np.ndarray) -> list[Box]` will do. Two ship here:
-OpenCV's Haar cascades (default; eyes are used to level the face) and scikit-image's LBP cascade. Sources that are
-already aligned (RAF-DB aligned, FFHQ, CelebA-HQ, FER2013) skip detection and are centre-cropped.
+The detector is a replaceable component: anything with `detect(rgb: np.ndarray) -> list[Box]` will do. Three ship:
+BlazeFace (a CNN with eye, nose, mouth and ear keypoints, in `blazeface.py`; the eyes level the face), OpenCV's
+Haar cascades (eye cascades level the face) and scikit-image's LBP cascade. Sources that are already aligned
+(RAF-DB aligned, FFHQ, CelebA-HQ, FER2013) skip detection and are centre-cropped.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class Box:
-    """A face box in pixels of the image it was found in; `roll` is the in-plane tilt in degrees (0 if unknown)."""
+    """A face box in pixels of the image it was found in; `roll` is the in-plane tilt in degrees (0 if unknown).
+
+    `landmarks` are (x, y) points in the same pixels, in the detector's order (BlazeFace: `blazeface.KEYPOINTS`),
+    or None when the detector gives none.
+    """
 
     x: float
     y: float
@@ -26,13 +31,23 @@ class Box:
     h: float
     score: float = 1.0
     roll: float = 0.0
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     def scaled(self, s: float) -> Box:
-        return Box(self.x * s, self.y * s, self.w * s, self.h * s, self.score, self.roll)
+        points = None if self.landmarks is None else tuple((x * s, y * s) for x, y in self.landmarks)
+        return Box(self.x * s, self.y * s, self.w * s, self.h * s, self.score, self.roll, points)
 
     @property
     def area(self) -> float:
         return self.w * self.h
+
+
+def inside_fraction(box: Box, size: tuple[int, int]) -> float:
+    """Share of the box's area that lies inside an image of `size` (width, height); 0 for a box of no area."""
+    w, h = size
+    inter_w = max(0.0, min(box.x + box.w, w) - max(box.x, 0.0))
+    inter_h = max(0.0, min(box.y + box.h, h) - max(box.y, 0.0))
+    return inter_w * inter_h / box.area if box.area > 0 else 0.0
 
 
 class FaceDetector(Protocol):
@@ -40,6 +55,12 @@ class FaceDetector(Protocol):
 
     def detect(self, rgb: np.ndarray) -> list[Box]:
         """Faces in an HxWx3 uint8 RGB array, largest first."""
+
+
+def detect_batch(detector: FaceDetector, images: list[np.ndarray]) -> list[list[Box]]:
+    """`detector.detect` over several images: in one call where the detector batches (`detect_batch`), else one by one."""
+    batched = getattr(detector, "detect_batch", None)
+    return batched(images) if batched is not None else [detector.detect(im) for im in images]
 
 
 class HaarCascadeDetector:
@@ -122,11 +143,22 @@ def _main_face_first(boxes: list[Box]) -> list[Box]:
     return confident + doubtful
 
 
-DETECTORS = {"opencv-haar": HaarCascadeDetector, "skimage-lbp": SkimageCascadeDetector}
+def _blazeface(**options) -> FaceDetector:
+    from synfer_pipeline.curation.blazeface import BlazeFaceDetector  # imports torch: only when chosen
+
+    return BlazeFaceDetector(**options)
+
+
+DETECTORS = {"blazeface": _blazeface, "opencv-haar": HaarCascadeDetector, "skimage-lbp": SkimageCascadeDetector}
 
 
 def make_detector(name: str, **options) -> FaceDetector:
-    """A detector by configured name (`opencv-haar`, `skimage-lbp`)."""
+    """A detector by configured name, with that detector's constructor options.
+
+    `blazeface`: weights (path, default the fetched fixture), variant (`short` or `full`), score_threshold (0.5),
+    torch_threads (1). `opencv-haar`: detect_side, scale_factor, min_neighbors, min_face_frac, level_eyes.
+    `skimage-lbp`: detect_side, min_face_frac.
+    """
     if name not in DETECTORS:
         raise ValueError(f"unknown face detector {name!r}; choose one of {sorted(DETECTORS)}")
     return DETECTORS[name](**options)

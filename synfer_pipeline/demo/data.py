@@ -14,6 +14,7 @@ from pydantic import Field
 
 from synfer_pipeline.curation.readers import RAFDB_CODES as _RAFDB_NAMES
 from synfer_pipeline.demo.toyfaces import draw_toy_face
+from synfer_pipeline.io.storage import atomic_folder
 from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import EXPRESSIONS_7
 
@@ -34,16 +35,6 @@ def _write_au_csv(path: Path, rows: list[tuple[str, str, tuple[str, ...]]]) -> N
         writer.writerows([image, expression, " ".join(aus)] for image, expression, aus in rows)
 
 
-def _staging(root: Path) -> Path:
-    """A fresh sibling folder to write into, renamed to `root` when complete: a crash leaves no half dataset."""
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty; toy data is only written to a new or empty folder")
-    staging = root.with_name(f".{root.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted earlier write
-    staging.mkdir(parents=True)
-    return staging
-
-
 def write_rafdb_layout(root: Path, n_train: int, n_test: int, size: int = 100, seed: int = 0) -> Path:
     """Write toy faces in the RAF-DB "basic" layout under `root` (new or empty; filled atomically); returns `root`.
 
@@ -53,22 +44,21 @@ def write_rafdb_layout(root: Path, n_train: int, n_test: int, size: int = 100, s
     Images are `size` px JPEG (quality 90); face i of a split is drawn from default_rng([seed, 1 train / 2 test, i]),
     so the same seed gives byte-identical files.
     """
-    root, out = Path(root), _staging(Path(root))
-    (out / "Image" / "aligned").mkdir(parents=True)
-    (out / "EmoLabel").mkdir()
-    label_rng = np.random.default_rng([seed, 0])
-    lines, rows = [], []
-    for stream, (split, n, digits) in enumerate((("train", n_train, 5), ("test", n_test, 4)), start=1):
-        for i, expression in enumerate(_balanced_labels(n, label_rng), start=1):
-            name = f"{split}_{i:0{digits}d}"
-            face = draw_toy_face(expression, np.random.default_rng([seed, stream, i]), size)
-            face.image.save(out / "Image" / "aligned" / f"{name}_aligned.jpg", quality=90)
-            lines.append(f"{name}.jpg {RAFDB_CODES[expression]}\n")
-            rows.append((f"{name}.jpg", expression, face.aus))
-    (out / "EmoLabel" / "list_patition_label.txt").write_text("".join(lines))
-    _write_au_csv(out / "synfer_toy_aus.csv", rows)
-    out.replace(root)
-    return root
+    with atomic_folder(root, if_exists="error") as out:
+        (out / "Image" / "aligned").mkdir(parents=True)
+        (out / "EmoLabel").mkdir()
+        label_rng = np.random.default_rng([seed, 0])
+        lines, rows = [], []
+        for stream, (split, n, digits) in enumerate((("train", n_train, 5), ("test", n_test, 4)), start=1):
+            for i, expression in enumerate(_balanced_labels(n, label_rng), start=1):
+                name = f"{split}_{i:0{digits}d}"
+                face = draw_toy_face(expression, np.random.default_rng([seed, stream, i]), size)
+                face.image.save(out / "Image" / "aligned" / f"{name}_aligned.jpg", quality=90)
+                lines.append(f"{name}.jpg {RAFDB_CODES[expression]}\n")
+                rows.append((f"{name}.jpg", expression, face.aus))
+        (out / "EmoLabel" / "list_patition_label.txt").write_text("".join(lines))
+        _write_au_csv(out / "synfer_toy_aus.csv", rows)
+    return Path(root)
 
 
 def write_unlabelled_folder(root: Path, n: int, size: int = 256, seed: int = 1, ext: str = "png") -> Path:
@@ -80,17 +70,16 @@ def write_unlabelled_folder(root: Path, n: int, size: int = 256, seed: int = 1, 
     """
     if ext not in ("png", "jpg"):
         raise ValueError(f"ext must be 'png' or 'jpg', not {ext!r}")
-    root, out = Path(root), _staging(Path(root))
-    rows = []
-    for i, expression in enumerate(_balanced_labels(n, np.random.default_rng([seed, 0]))):
-        relative = f"{i // 1000 * 1000:05d}/{i:05d}.{ext}"
-        (out / relative).parent.mkdir(exist_ok=True)
-        face = draw_toy_face(expression, np.random.default_rng([seed, 3, i]), size)
-        face.image.save(out / relative, **({"quality": 90} if ext == "jpg" else {"compress_level": 1}))
-        rows.append((relative, expression, face.aus))
-    _write_au_csv(out / "synfer_toy_aus.csv", rows)
-    out.replace(root)
-    return root
+    with atomic_folder(root, if_exists="error") as out:
+        rows = []
+        for i, expression in enumerate(_balanced_labels(n, np.random.default_rng([seed, 0]))):
+            relative = f"{i // 1000 * 1000:05d}/{i:05d}.{ext}"
+            (out / relative).parent.mkdir(exist_ok=True)
+            face = draw_toy_face(expression, np.random.default_rng([seed, 3, i]), size)
+            face.image.save(out / relative, **({"quality": 90} if ext == "jpg" else {"compress_level": 1}))
+            rows.append((relative, expression, face.aus))
+        _write_au_csv(out / "synfer_toy_aus.csv", rows)
+    return Path(root)
 
 
 def write_demo_data(root: Path, seed: int = 0, n_train: int = 140, n_test: int = 70,

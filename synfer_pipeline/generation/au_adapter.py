@@ -33,8 +33,8 @@ from synfer_pipeline.generation.train import (
     NoiseLoss,
     from_main_process,
     load_components,
-    write_folder_atomically,
 )
+from synfer_pipeline.io.storage import atomic_folder
 from synfer_pipeline.io.versions import model_fingerprint, weights_version
 from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import OPENGRAPHAU_41
@@ -257,8 +257,8 @@ def train_au_adapter(settings: TrainSettings, adapter_config: AUAdapterConfig, s
     after = base_unet_sha256(unet)
     data_version = ""
     if accelerator.is_main_process:
-        write_folder_atomically(output_dir, lambda tmp: _write_adapter(tmp, unet, projection, adapter_config,
-                                                                         result.ema, base_model, before))
+        with atomic_folder(output_dir) as tmp:
+            _write_adapter(tmp, unet, projection, adapter_config, result.ema, base_model, before)
         data_version = weights_version(output_dir)
     data_version = from_main_process(accelerator, data_version)
     extra = {"base_unet_sha256_before": before, "base_unet_sha256_after": after}

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from synfer_pipeline.generation.data import DataPosition
+from synfer_pipeline.io.storage import atomic_write_bytes, rename_folder_if_absent
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -70,12 +71,12 @@ def temporary_folder(state_dir: Path, step: int) -> Path:
 
 
 def publish(tmp: Path, step: int) -> Path:
-    """Rename a fully written temporary folder to `checkpoint-{step}` (atomic on one filesystem)."""
+    """Rename a fully written temporary folder to `checkpoint-{step}` (atomic on one filesystem); when that step was
+    saved already by an earlier attempt, the existing checkpoint is kept and the copy dropped."""
     final = tmp.parent / f"checkpoint-{step}"
-    if final.exists():  # the same step saved by an earlier attempt: keep it, drop the copy
+    if not rename_folder_if_absent(tmp, final):
         shutil.rmtree(tmp)
         return final
-    os.replace(tmp, final)
     with contextlib.suppress(OSError):  # make the rename durable where the platform allows it
         fd = os.open(tmp.parent, os.O_RDONLY)
         try:
@@ -93,13 +94,6 @@ def prune(state_dir: Path, keep: int | None) -> None:
         trash = state_dir / f"{TRASH_PREFIX}checkpoint-{step}"
         os.replace(folder, trash)  # never leave a half-deleted checkpoint-N behind
         shutil.rmtree(trash, ignore_errors=True)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write `data` as JSON to `path` atomically."""
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def read_progress(folder: Path, rank: int) -> dict:
@@ -170,7 +164,8 @@ def save_checkpoint(accelerator, state_dir: Path, progress: Progress, fingerprin
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     ema_scalars = save_ema(ema, tmp) if (ema is not None and accelerator.is_main_process) else None
-    write_json(tmp / progress_file(accelerator.process_index), progress.to_dict(fingerprint, ema_scalars))
+    atomic_write_bytes(tmp / progress_file(accelerator.process_index),
+                       json.dumps(progress.to_dict(fingerprint, ema_scalars), sort_keys=True).encode())
     accelerator.wait_for_everyone()  # every process's files are in before the folder gets its final name
     final = tmp.parent / f"checkpoint-{progress.step}"
     if accelerator.is_main_process:

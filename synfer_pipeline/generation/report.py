@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from synfer_pipeline.io.preview import grid_image
+
 _BG, _AXIS, _RAW, _SMOOTH = (255, 255, 255), (90, 90, 90), (170, 190, 230), (30, 70, 170)
 
 
@@ -55,15 +57,6 @@ def loss_curve_png(losses: Sequence[float], width: int = 480, height: int = 240)
     return buf.getvalue()
 
 
-def _grid(images: list[Image.Image], columns: int) -> Image.Image:
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * w, rows * h), _BG)
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
 def _au_embeds(au_vectors, n: int, n_aus: int, cfg: bool, device) -> list[torch.Tensor]:
     from synfer_pipeline.generation.au_adapter import unconditional_au
 
@@ -99,7 +92,7 @@ def sample_grid(model_dir: str | Path, prompts: list[str], seed: int, steps: int
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]
     images = pipe(prompts, num_inference_steps=steps, height=resolution, width=resolution,
                   guidance_scale=guidance_scale, generator=generators, **extra).images
-    return _grid(images, columns or math.ceil(math.sqrt(len(images))))
+    return grid_image(images, thumb=None, columns=columns or math.ceil(math.sqrt(len(images))))
 
 
 def _adapter_embeds(pipe, folder: Path, au_vectors, n: int, cfg: bool, device) -> list[torch.Tensor]:

@@ -9,9 +9,6 @@ Stage 1 trains on all of FEText; stage 2 continues from stage 1's output folder 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,10 +22,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from synfer_pipeline.generation.loop import TrainJob, run_training
 from synfer_pipeline.generation.settings import TrainReport, TrainSettings
+from synfer_pipeline.io.storage import atomic_folder
 from synfer_pipeline.io.versions import model_fingerprint, weights_version
 
 __all__ = ["SDComponents", "NoiseLoss", "TrainReport", "TrainSettings", "from_main_process", "load_components",
-           "train_unet", "write_folder_atomically"]
+           "train_unet"]
 
 
 @dataclass
@@ -112,28 +110,6 @@ class NoiseLoss:
         return (per_sample * weights).mean()
 
 
-def write_folder_atomically(output_dir: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a fresh temporary folder beside `output_dir`, then rename it to `output_dir`.
-
-    An existing `output_dir` (an earlier run's) is replaced only once the new folder is complete.
-    """
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".tmp-{output_dir.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        if output_dir.exists():
-            old = output_dir.parent / f".trash-{output_dir.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output_dir
-
-
 def train_unet(settings: TrainSettings, shard_urls: list[str], base_model: str, output_dir: Path, state_dir: Path,
                on_checkpoint: Callable[[Path], None] | None = None,
                log: Callable[[dict], None] | None = None) -> TrainReport:
@@ -157,13 +133,11 @@ def train_unet(settings: TrainSettings, shard_urls: list[str], base_model: str, 
     accelerator, unet = result.accelerator, result.model
     data_version = ""
     if accelerator.is_main_process:
-        def write(tmp: Path) -> None:
+        with atomic_folder(output_dir) as tmp:
             _write_pipeline(tmp, base_model, unet, result.ema)
             meta = {"base_model": str(base_model), "shard_urls": list(shard_urls), "settings": settings.to_dict(),
                     "steps": result.report.steps, "samples_seen": result.report.samples_seen}
             (tmp / "training.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-        write_folder_atomically(output_dir, write)
         data_version = weights_version(output_dir)
     data_version = from_main_process(accelerator, data_version)
     return replace(result.report, data_version=data_version, output_dir=str(output_dir))

@@ -10,28 +10,37 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 
-def preview_grid(images: Sequence[Image.Image], labels: Sequence[str] = (), thumb: int = 96, columns: int = 8,
-                 caption_lines: int = 1) -> bytes:
-    """PNG bytes of `images` as a grid of `thumb`-px tiles, each with its label (wrapped to `caption_lines`)."""
+def grid_image(images: Sequence[Image.Image], labels: Sequence[str] = (), thumb: int | None = 96, columns: int = 8,
+               caption_lines: int = 1) -> Image.Image:
+    """`images` as a grid of `thumb`-px tiles (None: the first image's own size), row-major, `columns` wide; with
+    `labels`, each tile has its label under it (wrapped to `caption_lines`). An empty list gives one grey tile."""
     if not images:
-        images = [Image.new("RGB", (thumb, thumb), (40, 40, 40))]
-        labels = ["(empty)"]
+        images, labels = [Image.new("RGB", (thumb or 96, thumb or 96), (40, 40, 40))], ["(empty)"]
+    width, height = (thumb, thumb) if thumb else images[0].size
     font = ImageFont.load_default()
     line_h = 11
-    text_h = line_h * caption_lines + 4
+    text_h = line_h * caption_lines + 4 if labels else 0
     cols = min(columns, len(images))
     rows = (len(images) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + text_h)), (255, 255, 255))
+    sheet = Image.new("RGB", (cols * width, rows * (height + text_h)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    chars = max(8, thumb // 6)
+    chars = max(8, width // 6)
     for i, img in enumerate(images):
-        x, y = (i % cols) * thumb, (i // cols) * (thumb + text_h)
-        sheet.paste(img.convert("RGB").resize((thumb, thumb), Image.Resampling.LANCZOS), (x, y))
+        x, y = (i % cols) * width, (i // cols) * (height + text_h)
+        img = img.convert("RGB")
+        sheet.paste(img if img.size == (width, height) else img.resize((width, height), Image.Resampling.LANCZOS),
+                    (x, y))
         text = labels[i] if i < len(labels) else ""
         for j, line in enumerate(textwrap.wrap(text, chars)[:caption_lines]):
-            draw.text((x + 2, y + thumb + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
+            draw.text((x + 2, y + height + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
+    return sheet
+
+
+def preview_grid(images: Sequence[Image.Image], labels: Sequence[str] = (), thumb: int = 96, columns: int = 8,
+                 caption_lines: int = 1) -> bytes:
+    """PNG bytes of `grid_image(...)`: what an asset's metadata shows."""
     buf = io.BytesIO()
-    sheet.save(buf, format="PNG", optimize=True)
+    grid_image(images, labels, thumb, columns, caption_lines).save(buf, format="PNG", optimize=True)
     return buf.getvalue()
 
 
