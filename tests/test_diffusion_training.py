@@ -223,11 +223,17 @@ def test_noise_loss_regresses_on_the_schedulers_target(base_model, kind):
     target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t)
     assert torch.equal(seen["t"], t) and torch.allclose(seen["noisy"], scheduler.add_noise(latents, noise, t))
     assert torch.allclose(loss, (target**2).mean())
-    # Min-SNR weighting with a gamma above every SNR is plain MSE for epsilon (weights min(snr, gamma) / snr = 1).
-    weighted = NoiseLoss(parts.vae, parts.text_encoder, scheduler, snr_gamma=1e9)(zero_unet, batch,
+    # Min-SNR weighting (Hang et al.): per sample min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction.
+    # gamma = 0.05 lies between the two drawn timesteps' SNRs: it clamps one sample's weight and not the other's.
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    gamma = 0.05
+    assert (snr > gamma).any() and (snr < gamma).any()
+    weights = snr.clamp(max=gamma) / (snr + 1 if kind == "v_prediction" else snr)
+    expected = ((target**2).mean(dim=(1, 2, 3)) * weights).mean()
+    weighted = NoiseLoss(parts.vae, parts.text_encoder, scheduler, snr_gamma=gamma)(zero_unet, batch,
                                                                                   torch.Generator().manual_seed(0))
-    if kind == "epsilon":
-        assert torch.allclose(weighted, loss)
+    assert torch.allclose(weighted, expected, rtol=1e-5)
+    assert not torch.allclose(weighted, loss)  # the weighting really changed the loss
 
 
 # --- training ------------------------------------------------------------------------------------------------------

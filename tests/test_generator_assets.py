@@ -11,17 +11,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from dagster import DagsterInstance
 from diffusers import StableDiffusionPipeline
 from generator_helpers import REPO, curate, gen_profile, latest, make_sources, run_assets
+from PIL import Image
 
+from assets.generator import class_prompts
 from synfer_pipeline.demo.tiny_sd import tiny_clip_tokenizer
 from synfer_pipeline.generation.au_adapter import load_au_adapter
 from synfer_pipeline.generation.data import BatchFeed, StreamSpec
+from synfer_pipeline.generation.report import sample_grid
 from synfer_pipeline.io.shards import iter_shard, shard_urls
 from synfer_pipeline.io.storage import Storage
+from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS_7, au_vector
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +111,14 @@ def test_stage1_stage2_and_adapter_load_generate_and_follow_a_custom_au_list(tmp
     unet = StableDiffusionPipeline.from_pretrained(s2["uri"].value, local_files_only=True).unet
     projection = load_au_adapter(unet, adapter["uri"].value)
     assert projection.mlp[0].in_features == len(CUSTOM_AUS)
+    # Loaded from its folder, the adapter draws exactly the sample grid the asset published with it.
+    vectors = [au_vector(EXPRESSION_AUS[e], CUSTOM_AUS, outside="drop").tolist() for e in EXPRESSIONS_7]
+    again = sample_grid(s2["uri"].value, class_prompts(), seed=0, steps=20,
+                        au_adapter_dir=adapter["uri"].value, au_vectors=vectors, resolution=64)
+    published = Image.open(Path(adapter["uri"].value, "samples.png")).convert("RGB")
+    assert np.array_equal(np.asarray(again), np.asarray(published))
+    without = sample_grid(s2["uri"].value, class_prompts(), seed=0, steps=20, resolution=64)
+    assert not np.array_equal(np.asarray(without), np.asarray(published))  # and the adapter changes what is drawn
     assert json.loads(Path(adapter["uri"].value, "au_adapter.json").read_text())["config"]["au_names"] == CUSTOM_AUS
     detector = latest(instance, "au_detector").asset_materialization.metadata
     assert "AU25" in detector["truth_aus_outside_the_au_list"].value  # drawn but not in the list: counted

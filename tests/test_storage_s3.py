@@ -14,7 +14,7 @@ from s3_server import s3_environment
 from assets.definitions import build_resources
 from assets.ingest import raw_faces
 from synfer_pipeline.config import load_profile
-from synfer_pipeline.io.storage import Storage
+from synfer_pipeline.io.storage import ArtifactRef, Storage
 
 LABELS = ["happy", "sad", "anger", "neutral", "surprise", "fear", "disgust"]
 
@@ -62,4 +62,28 @@ def test_ingest_from_s3_to_s3_and_read_back(s3, tmp_path):
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="synfer", Prefix="artifacts/")["Contents"]
             if not o["Key"].startswith("artifacts/_leases/")]
     assert all(k.startswith(f"artifacts/raw_faces/rafdb/{version}/") for k in keys)
-    assert keys[-1].endswith("ref.json") or f"artifacts/raw_faces/rafdb/{version}/ref.json" in keys
+    assert f"artifacts/raw_faces/rafdb/{version}/ref.json" in keys
+
+
+def test_on_s3_ref_json_is_the_last_object_written_into_a_published_folder(s3, tmp_path, monkeypatch):
+    """The write order itself, observed at the S3 client: a reader that sees ref.json sees a complete folder."""
+    import s3fs
+
+    writes: list[str] = []
+    real_call = s3fs.S3FileSystem._call_s3
+
+    async def recorded(self, method, *args, **kwargs):  # every request s3fs sends goes through here
+        if method in ("put_object", "copy_object", "complete_multipart_upload"):
+            writes.append(f"{kwargs['Bucket']}/{kwargs['Key']}")
+        return await real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recorded)
+    store = Storage("s3://synfer/order")
+    writer = store.artifact("x", "p", "key")
+    for name in ("a.bin", "b/c.bin", "d.parquet"):
+        writer.write_bytes(name, name.encode())
+    ref = writer.publish(ArtifactRef("x", "p", writer.staging, "v9"))
+    final = ref.uri.removeprefix("s3://")
+    into_final = [w.removeprefix("s3://") for w in writes if w.removeprefix("s3://").startswith(final + "/")]
+    assert sorted(into_final[:-1]) == [f"{final}/{n}" for n in ("a.bin", "b/c.bin", "d.parquet")]
+    assert into_final[-1] == f"{final}/ref.json" and into_final.count(f"{final}/ref.json") == 1
