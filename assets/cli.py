@@ -35,9 +35,47 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     if profile.demo_data is None:
         raise SystemExit(f"profile {profile.path} has no demo_data section: it uses no built-in data")
-    for name, path in ensure_demo_data(profile.demo_data, force=args.force).items():
+    for name, path in ensure_demo_data(profile.demo_data, force=args.force, log=print,
+                                       progress=_bar("base model autoencoder")).items():
         print(f"demo data {name}: {path}")
     return 0
+
+
+def _bar(desc: str):
+    """A tqdm bar for `progress(step, total, loss)` callbacks (off when SYNFER_PROGRESS=0)."""
+    from tqdm.auto import tqdm
+
+    state = {}
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit="step", leave=False,
+                                disable=os.environ.get("SYNFER_PROGRESS", "1") == "0")
+        state["bar"].update(step - state["bar"].n)
+        state["bar"].set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step >= total:
+            state.pop("bar").close()
+    return progress
+
+
+def ablation_rows(instance) -> list[tuple[str, dict]]:
+    """The generation-quality rows (base, stage 1, stage 2, adapter) of the latest generator materializations."""
+    from dagster import AssetKey
+
+    rows = []
+    for asset in ("diffusion_stage1", "diffusion_stage2", "au_adapter"):
+        event = instance.get_latest_materialization_event(AssetKey(asset))
+        if event is not None and "quality_rows" in event.asset_materialization.metadata:
+            rows += list(event.asset_materialization.metadata["quality_rows"].value.items())
+    return rows
+
+
+def format_ablation(rows: list[tuple[str, dict]]) -> str:
+    def pct(v):
+        return "   -" if v is None else f"{v:6.1%}"
+    lines = [f"{'model':<10} {'FER acc':>8} {'AU acc':>8}"]
+    lines += [f"{name:<10} {pct(row.get('fer_acc')):>8} {pct(row.get('au_acc')):>8}" for name, row in rows]
+    return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -57,7 +95,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.time()
     with DagsterInstance.get() as instance:
         results = materialize_all(defs, instance, log=print)
+        rows = ablation_rows(instance)
     failed = [name for name, ok in results if not ok]
+    if rows:
+        print("\ngeneration quality on the fixed evaluation batch (FER acc: the judge; AU acc: the AU detector):")
+        print(format_ablation(rows))
     print(f"\nmaterialized {len(results)} run(s) in {time.time() - started:.0f} s; instance: {os.environ['DAGSTER_HOME']}")
     from synfer_pipeline.config import load_profile
 

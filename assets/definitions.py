@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
-from assets import curation, fetext, generator, ingest
+from assets import curation, fer, fetext, generator, ingest
 from assets.jobs import JOBS
 from resources import ArtifactIOManager, ComputeResource, SettingsResource, StorageResource
 from synfer_pipeline.config import Profile, load_profile
 
-ASSET_MODULES = [ingest, curation, fetext, generator]
+ASSET_MODULES = [ingest, curation, fer, fetext, generator]
 
 
 def build_resources(profile: Profile) -> dict:

@@ -1,46 +1,48 @@
 """The generator: two-stage diffusion fine-tuning on FEText (paper supplementary §1) and the AU adapter."""
 
 import json
+from pathlib import Path
 
 from dagster import AssetExecutionContext, DataVersion, MetadataValue, Output, asset
 
+from assets.fer import load_roles
 from assets.metadata import preview, ref_metadata
+from assets.progress import Progress
 from resources import SettingsResource, StorageResource
+from synfer_pipeline.evaluation.generation_quality import evaluation_conditions, generate, score
 from synfer_pipeline.generation.au_adapter import train_au_adapter
-from synfer_pipeline.generation.report import loss_curve_png, sample_grid
+from synfer_pipeline.generation.conditions import TemplatePrompts
+from synfer_pipeline.generation.report import loss_curve_png
+from synfer_pipeline.generation.sampler import SynferSampler
 from synfer_pipeline.generation.settings import TrainSettings
 from synfer_pipeline.generation.train import train_unet
 from synfer_pipeline.generation.workspace import TrainingWorkspace, lineage_record
 from synfer_pipeline.io.images import encode_png
+from synfer_pipeline.io.preview import stack_rows
 from synfer_pipeline.io.shards import shard_urls
 from synfer_pipeline.io.storage import ArtifactRef, stage_key
 from synfer_pipeline.io.versions import model_fingerprint
 from synfer_pipeline.settings import settings_hash
-from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS_7, au_vector
 
 GROUP = "generator"
 # Code versions: in Dagster's staleness view and in the work keys (new code never resumes old work).
 STAGE1_VERSION, STAGE2_VERSION, ADAPTER_VERSION = "diffusion_stage1-2", "diffusion_stage2-2", "au_adapter-2"
 GPU_TAGS = {"synfer/gpu": "required"}
-PROMPT = "A close-up photo of a face. The person in the image is displaying {article} {expression} facial expression."
-
-
-def class_prompts() -> list[str]:
-    """The fixed prompts of the end-of-training sample grid: one per expression."""
-    return [PROMPT.format(article="an" if e[0] in "aeiou" else "a", expression="angry" if e == "anger" else e)
-            for e in EXPRESSIONS_7]
-
+EVALUATION_JSON = "evaluation.json"
 
 
 
 def _finish(context, workspace: TrainingWorkspace, report, inputs: dict, base: str, settings: TrainSettings,
-            grid, extra_lineage: dict | None = None) -> Output:
-    """Write lineage.json, loss curve and samples beside the weights, publish, and report what a user checks."""
+            rows: dict, extra_lineage: dict | None = None) -> Output:
+    """Write lineage.json, the loss curve, the evaluation rows and a sample grid (the last row's evaluation batch,
+    a row per class) beside the weights, publish, and report what a user checks."""
     store = workspace.storage
     lineage = lineage_record(store, workspace.writer.asset, context.run_id, inputs, base, settings.to_dict(),
                              settings_hash(settings), {"steps": report.steps, "samples_seen": report.samples_seen,
                                                        **(extra_lineage or {})})
-    loss_png, samples_png = loss_curve_png(report.losses), encode_png(grid)
+    grids = list(rows.values())[-1].grids
+    loss_png, samples_png = loss_curve_png(report.losses), encode_png(stack_rows(list(grids.values())))
+    _write_quality(workspace.output_dir, rows)
     for name, data in (("lineage.json", json.dumps(lineage, indent=2, sort_keys=True).encode()),
                        ("loss_curve.png", loss_png), ("samples.png", samples_png)):
         (workspace.output_dir / name).write_bytes(data)
@@ -61,6 +63,7 @@ def _finish(context, workspace: TrainingWorkspace, report, inputs: dict, base: s
         "loss_curve": preview(loss_png, "loss curve"), "samples": preview(samples_png, "samples per class"),
         "captions_used": MetadataValue.json(captions), "training_config_hash": settings_hash(settings),
         "lineage_json": MetadataValue.path(ref.file("lineage.json")),
+        **_quality_metadata(rows, grids),
     })
 
 
@@ -72,31 +75,73 @@ def _workspace(context, store, cfg: TrainSettings, code_version: str, *inputs) -
     return TrainingWorkspace(writer, keep=cfg.checkpoints_total_limit)
 
 
-def _log(context):
+def _log(context, total: int, desc: str):
+    """Training progress: a bar with loss and throughput on the terminal, the same in the run log."""
+    bar = Progress(context, desc, total)
+
     def log(record: dict) -> None:
-        if record.get("step", 0) % 50 == 0:
-            context.log.info(f"step {record.get('step')}: loss {record.get('loss', float('nan')):.4f}")
+        bar.update(record["step"], loss=record.get("loss", float("nan")), lr=record.get("lr", 0.0))
+        if record["step"] >= total:
+            bar.close()
     return log
+
+
+def _evaluate(context, profile, store, sampler, fer: ArtifactRef, detector: ArtifactRef, row: str):
+    """The fixed evaluation batch through `sampler`, judged by the judge role and the AU detector."""
+    from synfer_pipeline.curation.au_detector import AUDetector
+
+    cfg = profile.generator.evaluation
+    judge = load_roles(profile, store, fer)["judge"]
+    if judge is None:
+        raise ValueError("generation quality needs a judge: set fer_classifiers.judge in the profile")
+    conditions = evaluation_conditions(cfg, profile.au_names, TemplatePrompts(cfg.seed))
+    bar = Progress(context, f"evaluate {row}", len(conditions), unit="image")
+    images = generate(sampler, conditions, cfg, progress=lambda done, total: bar.update(done))
+    bar.close()
+    report = score(images, conditions, judge, AUDetector.load(str(store.local_folder(detector.uri))))
+    context.log.info(f"{row}: FER acc {report.fer_acc:.1%} (judge {judge.name}), AU acc "
+                     f"{'-' if report.au_acc is None else f'{report.au_acc:.1%}'}")
+    return report
+
+
+def _quality_metadata(rows: dict, grids: dict) -> dict:
+    """The ablation rows and one grid per class, as the UI shows them."""
+    table = "| model | FER acc | AU acc |\n|---|---|---|\n" + "\n".join(
+        f"| {name} | {r.fer_acc:.1%} | {'-' if r.au_acc is None else f'{r.au_acc:.1%}'} |" for name, r in rows.items())
+    last = list(rows.values())[-1]
+    return {"generation_quality": MetadataValue.md(table), "fer_acc": last.fer_acc,
+            "au_acc": -1.0 if last.au_acc is None else last.au_acc,
+            "quality_rows": MetadataValue.json({name: r.row() for name, r in rows.items()}),
+            **{f"grid_{c}": preview(encode_png(g), f"{c}: judge's reading under each image") for c, g in grids.items()}}
+
+
+def _write_quality(folder: Path, rows: dict) -> None:
+    (folder / EVALUATION_JSON).write_text(json.dumps({name: r.row() for name, r in rows.items()}, indent=2))
 
 
 @asset(io_manager_key="artifact_io", code_version=STAGE1_VERSION, group_name=GROUP, kinds={"pytorch", "diffusers"},
        op_tags=GPU_TAGS, pool="gpu")
-def diffusion_stage1(context: AssetExecutionContext, fetext: ArtifactRef, storage: StorageResource,
-                     settings: SettingsResource):
-    """Stage 1: the base diffusion model fine-tuned on all of FEText (learns expression semantics)."""
+def diffusion_stage1(context: AssetExecutionContext, fetext: ArtifactRef, fer_classifiers: ArtifactRef,
+                     au_detector: ArtifactRef, storage: StorageResource, settings: SettingsResource):
+    """Stage 1: the base diffusion model fine-tuned on all of FEText (learns expression semantics); generation
+    quality of the base model (the reference row) and of stage 1 on the fixed evaluation batch."""
     profile, store = settings.get(), storage.get()
     base, cfg = profile.base_model_id(), profile.generator.stage1
     workspace = _workspace(context, store, cfg, STAGE1_VERSION, fetext.data_version, base, model_fingerprint(base))
     report = train_unet(cfg, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir, workspace.state_dir,
-                        workspace.on_checkpoint, _log(context))
-    grid = sample_grid(workspace.output_dir, class_prompts(), seed=cfg.seed, steps=20, resolution=cfg.resolution)
-    return _finish(context, workspace, report, {"fetext": fetext}, base, cfg, grid)
+                        workspace.on_checkpoint, _log(context, cfg.max_train_steps, "stage 1"))
+    rows = {"base": _evaluate(context, profile, store, SynferSampler.from_pretrained(base), fer_classifiers,
+                              au_detector, "base")}
+    rows["stage 1"] = _evaluate(context, profile, store, SynferSampler.from_pretrained(workspace.output_dir),
+                                fer_classifiers, au_detector, "stage 1")
+    return _finish(context, workspace, report, {"fetext": fetext}, base, cfg, rows)
 
 
 @asset(io_manager_key="artifact_io", code_version=STAGE2_VERSION, group_name=GROUP, kinds={"pytorch", "diffusers"},
        op_tags=GPU_TAGS, pool="gpu")
 def diffusion_stage2(context: AssetExecutionContext, diffusion_stage1: ArtifactRef, fetext: ArtifactRef,
-                     storage: StorageResource, settings: SettingsResource):
+                     fer_classifiers: ArtifactRef, au_detector: ArtifactRef, storage: StorageResource,
+                     settings: SettingsResource):
     """Stage 2: stage 1 continued on the native high-resolution subsets only (the paper's cure for over-smoothing)."""
     profile, store = settings.get(), storage.get()
     cfg = profile.generator.stage2
@@ -105,16 +150,18 @@ def diffusion_stage2(context: AssetExecutionContext, diffusion_stage1: ArtifactR
     base = str(store.local_folder(diffusion_stage1.uri))
     workspace = _workspace(context, store, cfg, STAGE2_VERSION, diffusion_stage1.data_version, fetext.data_version)
     report = train_unet(cfg, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir, workspace.state_dir,
-                        workspace.on_checkpoint, _log(context))
-    grid = sample_grid(workspace.output_dir, class_prompts(), seed=cfg.seed, steps=20, resolution=cfg.resolution)
+                        workspace.on_checkpoint, _log(context, cfg.max_train_steps, "stage 2"))
+    rows = {"stage 2": _evaluate(context, profile, store, SynferSampler.from_pretrained(workspace.output_dir),
+                                 fer_classifiers, au_detector, "stage 2")}
     return _finish(context, workspace, report, {"diffusion_stage1": diffusion_stage1, "fetext": fetext},
-                   diffusion_stage1.uri, cfg, grid, {"native_hr_samples": report.native_hr_samples})
+                   diffusion_stage1.uri, cfg, rows, {"native_hr_samples": report.native_hr_samples})
 
 
 @asset(io_manager_key="artifact_io", code_version=ADAPTER_VERSION, group_name=GROUP, kinds={"pytorch", "safetensors"},
        op_tags=GPU_TAGS, pool="gpu")
 def au_adapter(context: AssetExecutionContext, diffusion_stage2: ArtifactRef, fetext: ArtifactRef,
-               storage: StorageResource, settings: SettingsResource):
+               fer_classifiers: ArtifactRef, au_detector: ArtifactRef, storage: StorageResource,
+               settings: SettingsResource):
     """AU injection: an MLP maps the AU vector to context tokens entering every cross-attention through their own
     key/value projections; trained with the stage-2 model frozen and AU dropout (a learned "no AU" condition)."""
     profile, store = settings.get(), storage.get()
@@ -123,9 +170,8 @@ def au_adapter(context: AssetExecutionContext, diffusion_stage2: ArtifactRef, fe
     workspace = _workspace(context, store, cfg, ADAPTER_VERSION, diffusion_stage2.data_version, fetext.data_version,
                            adapter)
     report = train_au_adapter(cfg, adapter, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir,
-                              workspace.state_dir, workspace.on_checkpoint, _log(context))
-    vectors = [au_vector(EXPRESSION_AUS[e], profile.au_names, outside="drop").tolist() for e in EXPRESSIONS_7]
-    grid = sample_grid(base, class_prompts(), seed=cfg.seed, steps=20, au_adapter_dir=workspace.output_dir,
-                       au_vectors=vectors, resolution=cfg.resolution)
+                              workspace.state_dir, workspace.on_checkpoint, _log(context, cfg.max_train_steps, "AU adapter"))
+    sampler = SynferSampler.from_pretrained(base, adapter_dir=workspace.output_dir)
+    rows = {"adapter": _evaluate(context, profile, store, sampler, fer_classifiers, au_detector, "adapter")}
     return _finish(context, workspace, report, {"diffusion_stage2": diffusion_stage2, "fetext": fetext},
-                   diffusion_stage2.uri, cfg, grid, {"adapter": adapter.to_dict()})
+                   diffusion_stage2.uri, cfg, rows, {"adapter": adapter.to_dict()})

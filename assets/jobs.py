@@ -18,6 +18,10 @@ au_detector_job = define_asset_job(
     "au_detector_job", selection=AssetSelection.assets("au_detector"),
     description="Train (or load) the AU detector on the AU-labelled sources.")
 
+fer_job = define_asset_job(
+    "fer_job", selection=AssetSelection.assets("fer_classifiers"),
+    description="Train (or load) the FER classifiers that guide, judge and vote, and score them on real test faces.")
+
 annotations_job = define_asset_job(
     "annotations_job", selection=AssetSelection.assets("au_labels", "mllm_captions"), partitions_def=dataset_partitions,
     description="AU labels and MLLM captions for one source dataset.")
@@ -30,4 +34,4 @@ generator_job = define_asset_job(
     "generator_job", selection=AssetSelection.assets("diffusion_stage1", "diffusion_stage2", "au_adapter"),
     description="Two-stage diffusion fine-tuning on FEText, then the AU adapter (GPU steps).")
 
-JOBS = [faces_job, au_detector_job, annotations_job, fetext_job, generator_job]
+JOBS = [faces_job, au_detector_job, fer_job, annotations_job, fetext_job, generator_job]

@@ -17,6 +17,7 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 PLAN: list[tuple[str, str | None]] = [
     ("faces_job", "all"),
     ("au_detector_job", None),
+    ("fer_job", None),
     ("annotations_job", "all"),
     ("fetext_job", None),
     ("generator_job", None),

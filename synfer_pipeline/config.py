@@ -29,6 +29,7 @@ from synfer_pipeline.curation.ingest import IngestSettings
 from synfer_pipeline.curation.readers import READERS
 from synfer_pipeline.curation.superres import LanczosSpec, SuperResSettings, UpscalerSpec
 from synfer_pipeline.demo.data import DemoDataSettings
+from synfer_pipeline.evaluation.generation_quality import EvaluationBatchSettings
 from synfer_pipeline.fer.classifiers import FERSpec
 from synfer_pipeline.generation.au_adapter import AUAdapterConfig
 from synfer_pipeline.generation.settings import TrainSettings
@@ -113,6 +114,40 @@ class GeneratorSection(Section):
     stage2: TrainSettings = Field(default_factory=lambda: TrainSettings(native_hr_only=True))
     au_adapter: TrainSettings = Field(default_factory=TrainSettings)
     adapter: AdapterSection = Field(default_factory=AdapterSection)
+    evaluation: EvaluationBatchSettings = Field(default_factory=EvaluationBatchSettings)  # generation quality batch
+
+
+FERANNO = "feranno"  # the voter name of the FERAnno classifier (step 7), which is trained on the UNet's features
+
+
+class FERClassifiersSection(Section):
+    """FER classifiers by name, and the roles they play.
+
+    guide: steers semantic guidance; judge: measures generated images (FER acc) and must not be the guide;
+    voters: label synthetic images (`feranno` names FERAnno); reference: the expression of unlabelled images for
+    caption validation (default: `models.fer_reference`); train_on: labelled datasets whose train split trains the
+    `train` kinds and whose test split scores every classifier.
+    """
+
+    classifiers: dict[str, FERSpec] = Field(default_factory=dict)
+    guide: str | None = None
+    judge: str | None = None
+    voters: tuple[str, ...] = ()
+    train_on: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _roles_name_classifiers(self) -> FERClassifiersSection:
+        for role, name in (("guide", self.guide), ("judge", self.judge)):
+            if name is not None and name not in self.classifiers:
+                raise ValueError(f"{role} {name!r} is not one of the classifiers ({', '.join(self.classifiers)})")
+        unknown = [v for v in self.voters if v not in self.classifiers and v != FERANNO]
+        if unknown:
+            raise ValueError(f"voters {unknown} are not classifiers ({', '.join(self.classifiers)}) nor {FERANNO!r}")
+        if self.guide is not None and self.judge is not None and (
+                self.guide == self.judge or self.classifiers[self.guide] == self.classifiers[self.judge]):
+            raise ValueError(f"the judge must not be the guide ({self.judge!r} would judge the images it steered: "
+                             "a circular metric that over-states FER accuracy); choose another judge")
+        return self
 
 
 class Profile(Section):
@@ -132,6 +167,7 @@ class Profile(Section):
     captions: CaptionsSection = Field(default_factory=CaptionsSection)
     fetext: FETextSettings = Field(default_factory=FETextSettings)
     generator: GeneratorSection = Field(default_factory=GeneratorSection)
+    fer_classifiers: FERClassifiersSection = Field(default_factory=FERClassifiersSection)
     demo_data: DemoDataSettings | None = None
 
     @model_validator(mode="before")
@@ -158,6 +194,13 @@ class Profile(Section):
         if len(set(names)) != len(names):
             raise ValueError(f"action units are listed twice: {sorted({n for n in names if names.count(n) > 1})}")
         return names
+
+    @model_validator(mode="after")
+    def _fer_training_sources(self) -> Profile:
+        missing = [d for d in self.fer_classifiers.train_on if d not in self.datasets]
+        if missing:
+            raise ValueError(f"fer_classifiers.train_on names datasets the profile does not have: {missing}")
+        return self
 
     @property
     def storage_root(self) -> str:

@@ -8,6 +8,7 @@ from tiny_models import save_tiny_llava
 
 from assets.curation import au_detector, au_labels, mllm_captions, superres_faces
 from assets.definitions import build_resources
+from assets.fer import fer_classifiers
 from assets.fetext import fetext
 from assets.generator import au_adapter, diffusion_stage1, diffusion_stage2
 from assets.ingest import raw_faces
@@ -17,19 +18,28 @@ from synfer_pipeline.demo.tiny_sd import save_tiny_sd
 from synfer_pipeline.demo.wheel_files import fixture_path
 
 REPO = Path(__file__).resolve().parent.parent
-ALL = [raw_faces, superres_faces, au_detector, au_labels, mllm_captions, fetext, diffusion_stage1, diffusion_stage2, au_adapter]
+ALL = [raw_faces, superres_faces, au_detector, au_labels, mllm_captions, fetext, fer_classifiers, diffusion_stage1,
+       diffusion_stage2, au_adapter]
 TRAIN = {"resolution": 64, "train_batch_size": 2, "max_train_steps": 3, "learning_rate": 1e-4, "lr_warmup_steps": 1,
          "checkpointing_steps": 2}
+_FER = {"architecture": "resnet", "image_size": 32, "epochs": 1, "resnet_depths": [1, 1], "resnet_widths": [8, 16],
+        "resnet_embedding": 8}
+# Two tiny ResNets trained on rafdb's train split: a guide and a different judge; a 2-per-class evaluation batch.
+FER_CLASSIFIERS = {"classifiers": {"guide": {"kind": "train", "train": {**_FER, "seed": 1}},
+                                   "judge": {"kind": "train", "train": {**_FER, "seed": 2}}},
+                   "guide": "guide", "judge": "judge", "voters": ["guide", "judge"], "train_on": ["rafdb"]}
+EVALUATION = {"per_class": 1, "steps": 2, "batch_size": 7}
 
 
 def make_sources(root: Path) -> dict:
-    return {"rafdb": write_rafdb_layout(root / "rafdb", 14, 0, size=100, seed=5),
+    return {"rafdb": write_rafdb_layout(root / "rafdb", 14, 7, size=100, seed=5),
             "ffhq": write_unlabelled_folder(root / "ffhq", 7, size=64, seed=6),
             "llava": save_tiny_llava(root / "llava"), "sd": save_tiny_sd(root / "tiny-sd")}
 
 
 def gen_profile(tmp_path, sources, prompt, storage_root=None, train=None, **sections):
     train = {**TRAIN, **(train or {})}
+    sections.setdefault("fer_classifiers", FER_CLASSIFIERS)
     tmp_path.mkdir(parents=True, exist_ok=True)
     models = {"superres": {"kind": "lanczos"}, "au_detector": {"kind": "train"},
               "captioner": {"kind": "mllm", "id": str(sources["llava"]), "prompt": prompt,
@@ -43,7 +53,8 @@ def gen_profile(tmp_path, sources, prompt, storage_root=None, train=None, **sect
         au_detector={"train_on": {"rafdb": "synfer_toy_aus.csv"}, "train": {"epochs": 1, "image_size": 32}},
         fetext={"validate": False},  # random tiny-LLaVA captions would all fail validation; keep them (ablation mode)
         generator={"stage1": train, "stage2": {**train, "native_hr_only": True},
-                   "au_adapter": train, "adapter": {"num_tokens": 2, "hidden_dim": 16}}, **sections)
+                   "au_adapter": train, "adapter": {"num_tokens": 2, "hidden_dim": 16}, "evaluation": EVALUATION},
+        **sections)
     return load_profile(str(path))
 
 
@@ -54,9 +65,9 @@ def run_assets(profile, instance, selection, partitions=(None,)):
 
 
 def curate(profile, instance) -> None:
-    """Everything up to (not including) fetext, for both datasets."""
+    """Everything up to (not including) fetext, for both datasets, and the FER classifiers."""
     run_assets(profile, instance, ["raw_faces", "superres_faces"], ("rafdb", "ffhq"))
-    run_assets(profile, instance, ["au_detector"])
+    run_assets(profile, instance, ["au_detector", "fer_classifiers"])
     run_assets(profile, instance, ["au_labels", "mllm_captions"], ("rafdb", "ffhq"))
 
 

@@ -27,7 +27,7 @@ from synfer_pipeline.generation.au_adapter import (
     train_au_adapter,
     unconditional_au,
 )
-from synfer_pipeline.generation.report import sample_grid
+from synfer_pipeline.generation.sampler import SynferSampler
 from synfer_pipeline.generation.settings import TrainSettings
 from synfer_pipeline.io.versions import weights_version
 from synfer_pipeline.vocab import au_vector
@@ -176,6 +176,7 @@ def test_adapter_training_updates_only_the_adapter_and_resumes_exactly(tmp_path,
     b = load_file(str(tmp_path / "b" / ADAPTER_WEIGHTS))
     assert all(torch.equal(adapter[k], b[k]) for k in adapter)
 
-    grid = sample_grid(base_model, ["a happy face", "a sad face"], seed=0, steps=2, au_adapter_dir=tmp_path / "a",
-                       au_vectors=[au_vector(["AU6", "AU12"]).tolist(), None])
-    assert grid.size == (128, 64)
+    sampler = SynferSampler.from_pretrained(base_model, adapter_dir=tmp_path / "a")
+    au = torch.stack([torch.from_numpy(au_vector(["AU6", "AU12"])), torch.full((len(au_vector([])),), float("nan"))])
+    images = sampler(["a happy face", "a sad face"], [0, 1], au=au, num_inference_steps=2).images
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()

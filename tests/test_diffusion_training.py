@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from synfer_pipeline.demo.tiny_sd import save_tiny_sd, tiny_clip_tokenizer
 from synfer_pipeline.generation import loop as loop_module
 from synfer_pipeline.generation.data import BatchFeed, StreamSpec, epoch_samples, load_image_tensor, sample_table
-from synfer_pipeline.generation.report import loss_curve_png, sample_grid
+from synfer_pipeline.generation.report import loss_curve_png
+from synfer_pipeline.generation.sampler import SynferSampler
 from synfer_pipeline.generation.settings import TrainSettings
 from synfer_pipeline.generation.train import train_unet
 from synfer_pipeline.io.shards import iter_shard
@@ -87,7 +88,7 @@ def test_images_are_centre_cropped_and_scaled_to_minus_one_one():
 
 def test_batches_carry_tokens_aus_and_dropped_captions(fetext):
     tokenizer = tiny_clip_tokenizer()
-    empty = tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
     spec = StreamSpec(tuple(fetext), resolution=64, batch_size=8, seed=3, caption_dropout=0.5, au_names=OPENGRAPHAU_41)
     batches = [b for _, b in zip(range(3), BatchFeed(spec, tokenizer))]
     assert [b["pixel_values"].shape for b in batches] == [(8, 3, 64, 64)] * 3
@@ -262,8 +263,8 @@ def test_stage1_then_stage2_on_native_hr_only(tmp_path, base_model, fetext):
     assert meta["base_model"] == str(tmp_path / "stage1") and meta["settings"]["native_hr_only"] is True
 
     for folder in ("stage1", "stage2"):
-        grid = sample_grid(tmp_path / folder, ["a happy face", "a sad face", "a surprised face"], seed=0, steps=2)
-        assert grid.size == (128, 128)  # 3 images in a 2-wide grid of 64 px tiles
+        out = SynferSampler.from_pretrained(tmp_path / folder)(["a happy face", "a sad face"], [0, 1], num_inference_steps=2)
+        assert out.images.shape == (2, 3, 64, 64) and torch.isfinite(out.images).all()
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, base_model, fetext):

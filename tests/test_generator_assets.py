@@ -16,17 +16,21 @@ import pytest
 import torch
 from dagster import DagsterInstance
 from diffusers import StableDiffusionPipeline
-from generator_helpers import REPO, curate, gen_profile, latest, make_sources, run_assets
+from generator_helpers import EVALUATION, REPO, curate, gen_profile, latest, make_sources, run_assets
 from PIL import Image
 
-from assets.generator import class_prompts
+from synfer_pipeline.curation.au_detector import AUDetector
 from synfer_pipeline.demo.tiny_sd import tiny_clip_tokenizer
+from synfer_pipeline.evaluation.generation_quality import EvaluationBatchSettings, evaluation_conditions, generate, score
+from synfer_pipeline.fer.classifiers import load_fer_classifier
+from synfer_pipeline.generation.conditions import TemplatePrompts
+from synfer_pipeline.generation.sampler import SynferSampler
+from synfer_pipeline.io.preview import stack_rows
 from synfer_pipeline.generation.au_adapter import load_au_adapter
 from synfer_pipeline.generation.data import BatchFeed, StreamSpec
-from synfer_pipeline.generation.report import sample_grid
 from synfer_pipeline.io.shards import iter_shard, shard_urls
 from synfer_pipeline.io.storage import Storage
-from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS_7, au_vector
+from synfer_pipeline.vocab import EXPRESSIONS_7
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +115,35 @@ def test_stage1_stage2_and_adapter_load_generate_and_follow_a_custom_au_list(tmp
     unet = StableDiffusionPipeline.from_pretrained(s2["uri"].value, local_files_only=True).unet
     projection = load_au_adapter(unet, adapter["uri"].value)
     assert projection.mlp[0].in_features == len(CUSTOM_AUS)
-    # Loaded from its folder, the adapter draws exactly the sample grid the asset published with it.
-    vectors = [au_vector(EXPRESSION_AUS[e], CUSTOM_AUS, outside="drop").tolist() for e in EXPRESSIONS_7]
-    again = sample_grid(s2["uri"].value, class_prompts(), seed=0, steps=20,
-                        au_adapter_dir=adapter["uri"].value, au_vectors=vectors, resolution=64)
+    # Every checkpoint reports generation quality on the fixed evaluation batch; stage 1 also the base model's row.
+    assert list(s1["quality_rows"].value) == ["base", "stage 1"]
+    assert list(s2["quality_rows"].value) == ["stage 2"] and list(adapter["quality_rows"].value) == ["adapter"]
+    for meta in (s1, s2, adapter):
+        assert 0.0 <= meta["fer_acc"].value <= 1.0 and 0.0 <= meta["au_acc"].value <= 1.0
+        assert meta["generation_quality"].value.startswith("| model | FER acc | AU acc |")
+        assert {f"grid_{c}" for c in EXPRESSIONS_7} <= set(meta)
+    # Loaded from their folders, the adapter, the judge and the detector give exactly the published figures and
+    # grid again: the batch's seeds and prompts are fixed.
+    fer_meta = latest(instance, "fer_classifiers").asset_materialization.metadata
+    fer_folder = Path(fer_meta["uri"].value)
+    report = json.loads((fer_folder / "classifiers.json").read_text())
+    assert (report["guide"], report["judge"]) == ("guide", "judge")
+    for name in ("guide", "judge"):  # each scored on the real test split, with its confusion matrix
+        assert report["classifiers"][name]["roles"] == [name, "voter"]
+        assert np.array(report["classifiers"][name]["confusion"]).sum() == 7  # rafdb's 7 test faces
+        assert fer_meta[f"confusion_{name}"].value.startswith("![")
+        assert (fer_folder / f"confusion_{name}.png").exists()
+    judge = load_fer_classifier(profile.fer_classifiers.classifiers["judge"], "judge", trained_folder=fer_folder / "judge")
+    detector = AUDetector.load(latest(instance, "au_detector").asset_materialization.metadata["uri"].value)
+    cfg = EvaluationBatchSettings(**EVALUATION)
+    conditions = evaluation_conditions(cfg, CUSTOM_AUS, TemplatePrompts(cfg.seed))
+    sampler = SynferSampler.from_pretrained(s2["uri"].value, adapter_dir=adapter["uri"].value)
+    again = score(generate(sampler, conditions, cfg), conditions, judge, detector)
+    assert again.fer_acc == adapter["fer_acc"].value and again.au_acc == adapter["au_acc"].value
     published = Image.open(Path(adapter["uri"].value, "samples.png")).convert("RGB")
-    assert np.array_equal(np.asarray(again), np.asarray(published))
-    without = sample_grid(s2["uri"].value, class_prompts(), seed=0, steps=20, resolution=64)
-    assert not np.array_equal(np.asarray(without), np.asarray(published))  # and the adapter changes what is drawn
+    assert np.array_equal(np.asarray(stack_rows(list(again.grids.values()))), np.asarray(published))
+    without = score(generate(SynferSampler.from_pretrained(s2["uri"].value), conditions, cfg), conditions, judge)
+    assert not np.array_equal(np.asarray(stack_rows(list(without.grids.values()))), np.asarray(published))
     assert json.loads(Path(adapter["uri"].value, "au_adapter.json").read_text())["config"]["au_names"] == CUSTOM_AUS
     detector = latest(instance, "au_detector").asset_materialization.metadata
     assert "AU25" in detector["truth_aus_outside_the_au_list"].value  # drawn but not in the list: counted

@@ -24,7 +24,7 @@ def sources(tmp_path_factory):
 
 
 def _kill_after_step(monkeypatch, step):
-    def log_then_die(context):
+    def log_then_die(context, total, desc):
         def log(record):
             if record.get("step", 0) >= step:
                 raise Killed()

@@ -180,3 +180,22 @@ def test_boxes_outside_the_image_repeated_rows_and_conflicting_duplicates(tmp_pa
     dup = result.duplicates.iloc[0]
     assert (dup.sample_id, dup.duplicate_of, dup.label, dup.label_of_kept, dup.conflicting_labels) == (
         "affectnet-7_c_copy_jpg", "affectnet-7_c_jpg", "anger", "surprise", True)
+
+
+def test_an_aligned_crop_keeps_the_given_square_of_an_aligned_image(tmp_path):
+    """`aligned_crop` (centre x, centre y, side) cuts a wide-margin aligned crop down to its face square."""
+    root = tmp_path / "aligned" / "happy"
+    root.mkdir(parents=True)
+    arr = np.zeros((200, 200, 3), np.uint8)
+    arr[60:140, 40:120] = 255  # the "face": an 80 px white square centred at (80, 100)
+    (root / "a.png").write_bytes(png_bytes(Image.fromarray(arr)))
+    store = Storage(str(tmp_path / "store"))
+    cropped = _run(tmp_path / "aligned", store, IngestSettings(face_size=40, aligned=True, aligned_crop=(0.4, 0.5, 0.4)))
+    (image,) = [np.asarray(Image.open(io.BytesIO(m["jpg"]))) for _, m in iter_samples(store, cropped.ref.uri, "faces")]
+    assert image.shape == (40, 40, 3) and image.mean() > 240  # exactly the white square, nothing around it
+    assert cropped.manifest["face_box"][0] == "[40.0, 60.0, 80.0, 80.0]"
+    whole = _run(tmp_path / "aligned", Storage(str(tmp_path / "store2")), IngestSettings(face_size=40, aligned=True))
+    (image,) = [np.asarray(Image.open(io.BytesIO(m["jpg"]))) for _, m in iter_samples(Storage(str(tmp_path / "store2")), whole.ref.uri, "faces")]
+    assert 35 < image.mean() < 46  # the whole frame: the square is 16% of it (255 x 0.16 = 41)
+    with pytest.raises(ValueError, match="aligned_crop"):
+        IngestSettings(aligned=True, aligned_crop=(0.5, 0.5, 1.5))

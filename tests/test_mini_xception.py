@@ -19,13 +19,7 @@ from PIL import Image
 from skimage import data
 
 from synfer_pipeline.demo.wheel_files import fixture_path
-from synfer_pipeline.fer import (
-    FER2013_CLASSES,
-    MiniXceptionClassifier,
-    MiniXceptionFormatError,
-    load_mini_xception,
-    preprocess_faces,
-)
+from synfer_pipeline.fer import FER2013_CLASSES, MiniXceptionFormatError, load_fer_classifier, load_mini_xception
 from synfer_pipeline.fer.mini_xception import keras_same_padding
 from synfer_pipeline.vocab import EXPRESSIONS, canonical_expression
 
@@ -127,7 +121,7 @@ def model_path():
 
 @pytest.fixture(scope="module")
 def classifier(model_path):
-    return MiniXceptionClassifier.from_file(model_path)
+    return load_fer_classifier({"kind": "mini_xception", "path": str(model_path)})
 
 
 def largest_face(rgb: np.ndarray, margin: int = 10) -> Image.Image:
@@ -201,14 +195,15 @@ def test_pytorch_forward_matches_keras_arithmetic(model_path):
 # Preprocessing and the canonical-order classifier.
 
 
-def test_preprocess_faces_is_grey_64px_in_minus_one_to_one():
+def test_the_role_feeds_grey_64px_in_minus_one_to_one(classifier):
     white = Image.new("RGB", (200, 150), (255, 255, 255))
     black = Image.new("L", (30, 30), 0)
     mid = Image.new("RGB", (64, 64), (255, 0, 0))  # luma 0.299 * 255 = 76
-    x = preprocess_faces([white, black, mid])
+    x = classifier.preprocess(classifier.images_tensor([white, black, mid]))
     assert x.shape == (3, 1, 64, 64) and x.dtype == torch.float32
-    assert torch.all(x[0] == 1.0) and torch.all(x[1] == -1.0)
-    assert torch.allclose(x[2], torch.tensor(76 / 127.5 - 1.0))
+    assert torch.allclose(x[0], torch.tensor(1.0)) and torch.allclose(x[1], torch.tensor(-1.0))
+    assert torch.allclose(x[2], torch.tensor(0.299 * 255 / 127.5 - 1.0), atol=1e-5)
+    assert classifier.describe()["grayscale"] is True and classifier.input_size == 64
 
 
 def test_astronaut_is_happy(classifier, astronaut_face):
@@ -237,8 +232,8 @@ def test_predict_proba_columns_follow_canonical_order(classifier, astronaut_face
     faces = [astronaut_face, largest_face(photo("surprise")), largest_face(photo("anger"))]
     proba = classifier.predict_proba(faces)
     with torch.inference_mode():
-        raw = classifier.model.probabilities(preprocess_faces(faces)).numpy()  # FER2013 order
-    assert classifier.class_names == EXPRESSIONS
+        raw = torch.softmax(classifier.model_logits(classifier.preprocess(classifier.images_tensor(faces))), 1).numpy()
+    assert classifier.class_names == tuple(canonical_expression(c) for c in FER2013_CLASSES)  # its own order
     assert proba.shape == (3, 8) and proba.dtype == np.float32
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
     assert np.all(proba[:, EXPRESSIONS.index("contempt")] == 0.0)
@@ -248,10 +243,11 @@ def test_predict_proba_columns_follow_canonical_order(classifier, astronaut_face
 
 def test_batching_does_not_change_results(model_path, astronaut_face):
     faces = [astronaut_face, largest_face(photo("happy")), largest_face(photo("anger"))]
-    one_batch = MiniXceptionClassifier.from_file(model_path, batch_size=256).predict_proba(faces)
-    small_batches = MiniXceptionClassifier.from_file(model_path, batch_size=2).predict_proba(faces)
+    classifier = load_fer_classifier({"kind": "mini_xception", "path": str(model_path)})
+    one_batch = classifier.predict_proba(faces, batch_size=256)
+    small_batches = classifier.predict_proba(faces, batch_size=2)
     np.testing.assert_allclose(small_batches, one_batch, atol=1e-6)
-    assert MiniXceptionClassifier.from_file(model_path).predict_proba([]).shape == (0, 8)
+    assert classifier.predict_proba([]).shape == (0, 8)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -172,6 +172,14 @@ def _cascade(filename: str) -> cv2.CascadeClassifier:
     return cascade
 
 
+def aligned_box(width: int, height: int, crop: tuple[float, float, float]) -> Box:
+    """The face square of an aligned image: `crop` = (centre x, centre y, side), the centre in fractions of the
+    width and height, the side in fractions of the shorter side (crop it with `crop_face(..., margin=0)`)."""
+    fx, fy, fside = crop
+    side = fside * min(width, height)
+    return Box(fx * width - side / 2, fy * height - side / 2, side, side)
+
+
 def crop_face(img: Image.Image | np.ndarray, box: Box | None, size: int, margin: float = 0.3) -> Image.Image:
     """A `size`x`size` RGB crop centred on `box` (widened by `margin` of its side, levelled by `box.roll`).
 

