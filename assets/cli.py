@@ -70,6 +70,21 @@ def ablation_rows(instance) -> list[tuple[str, dict]]:
     return rows
 
 
+def guidance_line(instance) -> str | None:
+    """The newest round's ablation line: the judge's FER acc without and with guidance on the same seeds."""
+    from dagster import AssetKey
+
+    event = instance.get_latest_materialization_event(AssetKey("synthetic_quality"))
+    if event is None:
+        return None
+    meta = event.asset_materialization.metadata
+    off, on = meta["fer_acc_unguided"].value, meta["fer_acc_guided"].value
+    verb = "raises" if on > off else "lowers" if on < off else "leaves"
+    return (f"round {event.asset_materialization.partition}: FER acc {off:.1%} without guidance, {on:.1%} with: guidance {verb} the "
+            f"judge's FER acc by {abs(on - off) * 100:.1f} points (AU acc {meta['au_acc_unguided'].value:.1%} -> "
+            f"{meta['au_acc_guided'].value:.1%})")
+
+
 def format_ablation(rows: list[tuple[str, dict]]) -> str:
     def pct(v):
         return "   -" if v is None else f"{v:6.1%}"
@@ -95,11 +110,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.time()
     with DagsterInstance.get() as instance:
         results = materialize_all(defs, instance, log=print)
-        rows = ablation_rows(instance)
+        rows, guided = ablation_rows(instance), guidance_line(instance)
     failed = [name for name, ok in results if not ok]
     if rows:
         print("\ngeneration quality on the fixed evaluation batch (FER acc: the judge; AU acc: the AU detector):")
         print(format_ablation(rows))
+    if guided:
+        print(guided)
     print(f"\nmaterialized {len(results)} run(s) in {time.time() - started:.0f} s; instance: {os.environ['DAGSTER_HOME']}")
     from synfer_pipeline.config import load_profile
 

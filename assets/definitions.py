@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
-from assets import curation, fer, fetext, generator, ingest
+from assets import curation, fer, fetext, generator, ingest, synthesis
+from assets.automation import round_complete_sensor, round_schedule
 from assets.jobs import JOBS
 from resources import ArtifactIOManager, ComputeResource, SettingsResource, StorageResource
 from synfer_pipeline.config import Profile, load_profile
 
-ASSET_MODULES = [ingest, curation, fer, fetext, generator]
+ASSET_MODULES = [ingest, curation, fer, fetext, generator, synthesis]
 
 
 def build_resources(profile: Profile) -> dict:
@@ -27,6 +28,8 @@ def build_definitions(profile: Profile) -> Definitions:
         assets=load_assets_from_modules(ASSET_MODULES),
         asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
         jobs=JOBS,
+        schedules=[round_schedule],
+        sensors=[round_complete_sensor],
         resources=build_resources(profile),
     )
 

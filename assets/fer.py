@@ -85,7 +85,7 @@ def fer_classifiers(context: AssetExecutionContext, superres_faces: dict, storag
             confusions[name] = confusion_png(matrix, EXPRESSIONS_7, f"{name}: {accuracy:.1%} on {len(test_y)} real test faces")
             lines.append(f"{name}:{fingerprint}:{','.join(report[name]['roles'])}")
             context.log.info(f"{name} ({spec.kind}): {accuracy:.1%} on the real test split ({len(test_y)} faces)")
-        (Path(tmp) / REPORT).write_text(json.dumps({"classifiers": report, "guide": section.guide,
+        (Path(tmp) / REPORT).write_text(json.dumps({"classifiers": report, "n_train": len(train_y), "guide": section.guide,
                                                     "judge": section.judge, "voters": list(section.voters)}, indent=2))
         for name, png in confusions.items():
             (Path(tmp) / f"confusion_{name}.png").write_bytes(png)

@@ -34,4 +34,12 @@ generator_job = define_asset_job(
     "generator_job", selection=AssetSelection.assets("diffusion_stage1", "diffusion_stage2", "au_adapter"),
     description="Two-stage diffusion fine-tuning on FEText, then the AU adapter (GPU steps).")
 
-JOBS = [faces_job, au_detector_job, fer_job, annotations_job, fetext_job, generator_job]
+synthetic_job = define_asset_job(
+    "synthetic_job", selection=AssetSelection.assets("synthetic_shards"),
+    description="Generate one shard of a round (a partition: round x shard); a backfill runs one step per shard.")
+
+quality_job = define_asset_job(
+    "quality_job", selection=AssetSelection.assets("synthetic_quality"),
+    description="Judge a generation round once all its shards exist (FER acc and AU acc, with and without guidance).")
+
+JOBS = [faces_job, au_detector_job, fer_job, annotations_job, fetext_job, generator_job, synthetic_job, quality_job]

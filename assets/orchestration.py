@@ -21,7 +21,22 @@ PLAN: list[tuple[str, str | None]] = [
     ("annotations_job", "all"),
     ("fetext_job", None),
     ("generator_job", None),
+    ("synthetic_job", "latest_round"),   # every shard of the newest round
+    ("quality_job", "latest"),
 ]
+
+
+def _keys(partitions_def, which: str | None, instance) -> list:
+    """"all" partitions, the "latest" one, the "latest_round"'s shards (a round x shard definition), or [None]."""
+    if which is None:
+        return [None]
+    keys = partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+    if which == "all":
+        return keys
+    if which == "latest":
+        return keys[-1:]
+    latest = max(k.keys_by_dimension["round"] for k in keys)
+    return [k for k in keys if k.keys_by_dimension["round"] == latest]
 
 
 def materialize_all(defs: Definitions, instance: DagsterInstance, log: Callable[[str], None] = lambda s: None,
@@ -30,7 +45,7 @@ def materialize_all(defs: Definitions, instance: DagsterInstance, log: Callable[
     results = []
     for job_name, partitions in plan or PLAN:
         job = defs.resolve_job_def(job_name)
-        keys = job.partitions_def.get_partition_keys(dynamic_partitions_store=instance) if partitions == "all" else [None]
+        keys = _keys(job.partitions_def, partitions, instance)
         for key in keys:
             label = f"{job_name}[{key}]" if key else job_name
             log(f"running {label} ...")

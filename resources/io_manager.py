@@ -45,8 +45,8 @@ class ArtifactIOManager(ConfigurableIOManager):
         # Dagster's version of a partitioned input: sha256 over the partitions' data versions in key order.
         combined = hashlib.sha256("".join(refs[pk].data_version for pk in sorted(refs)).encode()).hexdigest()
         _check(key, recorded, combined, partitions)
-        if context.has_partition_key and len(partitions) == 1:
-            return refs[partitions[0]]
+        if context.has_partition_key and partitions == [context.partition_key]:
+            return refs[partitions[0]]  # the same partition upstream: its ref; otherwise {partition: ref}
         return refs
 
 

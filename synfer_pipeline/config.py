@@ -32,6 +32,7 @@ from synfer_pipeline.demo.data import DemoDataSettings
 from synfer_pipeline.evaluation.generation_quality import EvaluationBatchSettings
 from synfer_pipeline.fer.classifiers import FERSpec
 from synfer_pipeline.generation.au_adapter import AUAdapterConfig
+from synfer_pipeline.generation.rounds import RoundSettings
 from synfer_pipeline.generation.settings import TrainSettings
 from synfer_pipeline.torch_utils import DTYPES
 from synfer_pipeline.vocab import OPENGRAPHAU_41
@@ -89,6 +90,7 @@ class ModelsSection(Section):
     captioner: CaptionerSpec = Field(default_factory=TemplateSpec)
     base_diffusion: BaseDiffusionSpec | None = None
     fer_reference: FERSpec | None = None   # the expression of unlabelled images, for caption validation
+    tiny_decoder: BaseDiffusionSpec | None = None  # an AutoencoderTiny (TAESD) folder or hub id: guidance's fast x0 decoder
 
 
 class AUDetectorSection(Section):
@@ -168,6 +170,7 @@ class Profile(Section):
     fetext: FETextSettings = Field(default_factory=FETextSettings)
     generator: GeneratorSection = Field(default_factory=GeneratorSection)
     fer_classifiers: FERClassifiersSection = Field(default_factory=FERClassifiersSection)
+    generation: RoundSettings = Field(default_factory=RoundSettings)
     demo_data: DemoDataSettings | None = None
 
     @model_validator(mode="before")

@@ -5,6 +5,7 @@ same code paths, in a fraction of the demo's minutes; `make demo` runs the real 
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,10 @@ def small_demo_profile(path: Path) -> Path:
     """demo.yaml with small budgets: every section kept, only sizes and steps cut."""
     raw = yaml.safe_load((PROFILES_DIR / "demo.yaml").read_text())
     raw["demo_data"].update(rafdb_train=35, rafdb_test=14, ffhq=21, base_model={
-        "faces": 28, "text_pretrain_steps": 10, "autoencoder": {"steps": 20, "batch_size": 4}})
+        "faces": 28, "text_pretrain_steps": 10, "tiny_decoder_steps": 5, "autoencoder": {"steps": 20, "batch_size": 4}},
+        reference={"faces": 14, "train": {"epochs": 1}})
+    raw["generation"].update(images=8, steps=3)
+    raw["generation"]["guidance"]["last_steps"] = 2
     raw["au_detector"]["train"]["epochs"] = 2
     for spec in raw["fer_classifiers"]["classifiers"].values():
         spec["train"]["epochs"] = 2
@@ -54,6 +58,9 @@ def test_synfer_demo_materializes_every_asset_and_partition(tmp_path, monkeypatc
     assert table[0].split() == ["model", "FER", "acc", "AU", "acc"]
     assert [row.split()[0] for row in table[1:]] == ["base", "stage", "stage", "adapter"]
     assert all(row.rstrip().endswith("%") for row in table[1:])
+    # ... and the round's guidance line: FER acc without and with guidance on the same seeds.
+    assert re.search(r"FER acc \d+\.\d% without guidance, \d+\.\d% with: guidance (raises|lowers|leaves) the judge's",
+                     proc.stdout), proc.stdout[-2000:]
     assert (home / "dagster_home" / "dagster.yaml").exists()
 
     profile = load_profile(os.environ["SYNFER_PROFILE"])
@@ -61,7 +68,12 @@ def test_synfer_demo_materializes_every_asset_and_partition(tmp_path, monkeypatc
     with DagsterInstance.get() as instance:
         for key in graph.get_all_asset_keys():
             partitions = graph.get(key).partitions_def
-            for pk in partitions.get_partition_keys() if partitions else [None]:
+            keys = partitions.get_partition_keys() if partitions else [None]
+            if key.path[0] in ("synthetic_shards", "synthetic_quality"):  # rounds: the demo makes the newest one
+                newest = max(str(k).split("|")[0] for k in keys)
+                keys = [k for k in keys if str(k).split("|")[0] == newest]
+                assert len(keys) == (profile.generation.shards if key.path[0] == "synthetic_shards" else 1)
+            for pk in keys:
                 assert _latest(instance, key, pk), f"{key.to_user_string()}[{pk}] was not materialized"
         manifest = pd.read_parquet(_latest(instance, AssetKey("raw_faces"), "rafdb").metadata["manifest"].value)
     spec = profile.demo_data

@@ -27,7 +27,7 @@ class AutoencoderSettings:
     lr: AdamW training; kl_weight: weight of the KL term; centre_weight: extra loss weight at the face centre."""
 
     resolution: int = 64
-    blocks: tuple[int, ...] = (16, 32, 32)
+    blocks: tuple[int, ...] = (8, 16, 32)
     latent_channels: int = 4
     steps: int = 1500
     batch_size: int = 8
@@ -98,3 +98,40 @@ def train_autoencoder(images: Sequence[Image.Image], cfg: AutoencoderSettings,
     mse = float(((recon.clamp(-1, 1) - data) / 2).pow(2).mean())
     return vae, {"psnr_db": round(10 * math.log10(1 / mse), 2), "steps": cfg.steps,
                  "seconds": round(time.perf_counter() - started, 1), "scaling_factor": vae.config.scaling_factor}
+
+
+def train_tiny_decoder(vae: AutoencoderKL, images: Sequence[Image.Image], steps: int = 150, batch_size: int = 8,
+                       lr: float = 2e-3, seed: int = 0):
+    """The demo's `AutoencoderTiny` (TAESD's architecture, small): its decoder learns to map the autoencoder's
+    scaled latents (as the UNet sees them; scaling factor 1.0) to the images, the fast x0 decoder of semantic
+    guidance. Returns (AutoencoderTiny, report {psnr_db, steps, seconds}); its encoder is left untrained."""
+    from diffusers import AutoencoderTiny
+
+    started = time.perf_counter()
+    halvings = len(vae.config.block_out_channels) - 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # One block per level and 24 channels (TAESD's decoder keeps one width throughout): about 50k parameters.
+        tiny = AutoencoderTiny(encoder_block_out_channels=(8,) * (halvings + 1), num_encoder_blocks=(1,) * (halvings + 1),
+                               decoder_block_out_channels=(24,) * (halvings + 1), num_decoder_blocks=(1,) * (halvings + 1),
+                               latent_channels=vae.config.latent_channels)
+        data = images_tensor(images, vae.config.sample_size)
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, len(data), 64)])
+        latents = latents * vae.config.scaling_factor
+        optimiser = torch.optim.AdamW(tiny.decoder.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        tiny.train()
+        for _ in range(steps):
+            idx = torch.randint(len(data), (batch_size,), generator=gen)
+            loss = (tiny.decode(latents[idx]).sample - data[idx]).pow(2).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        tiny.eval()
+        with torch.no_grad():
+            recon = torch.cat([tiny.decode(latents[i:i + 64]).sample for i in range(0, len(latents), 64)])
+    tiny.requires_grad_(False)
+    mse = float(((recon.clamp(-1, 1) - data) / 2).pow(2).mean())
+    return tiny, {"psnr_db": round(10 * math.log10(1 / mse), 2), "steps": steps,
+                  "seconds": round(time.perf_counter() - started, 1)}

@@ -25,12 +25,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from synfer_pipeline.curation.faces import aligned_box, crop_face
-from synfer_pipeline.demo.autoencoder import AutoencoderSettings, train_autoencoder
+from synfer_pipeline.demo.autoencoder import AutoencoderSettings, train_autoencoder, train_tiny_decoder
 from synfer_pipeline.demo.toyfaces import draw_toy_face
 from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS_7, OPENGRAPHAU_41
 
 TEXT_POSITIONS = 128
+TINY_DECODER = "tiny_decoder"  # the AutoencoderTiny beside the pipeline's folders
 SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 
 
@@ -39,7 +40,9 @@ class BaseModelSettings:
     """faces: toy faces drawn to train the autoencoder (its own data, as SD's VAE never saw FEText), cropped as the
     demo's ingest crops its aligned sources (`face_crop`, see `IngestSettings.aligned_crop`; None: whole frame);
     unet_blocks / text_width / text_layers: sizes of the random UNet and text encoder; text_pretrain_steps: the text
-    encoder's stand-in for CLIP pretraining (`pretrain_text_encoder`; 0: left random); autoencoder: its settings."""
+    encoder's stand-in for CLIP pretraining (`pretrain_text_encoder`; 0: left random); tiny_decoder_steps: training
+    of the tiny autoencoder that decodes x0 for guidance (`tiny_decoder/` beside the pipeline; 0: none);
+    autoencoder: its settings."""
 
     faces: int = 1200
     face_crop: tuple[float, float, float] | None = (0.5, 0.53, 0.72)
@@ -47,6 +50,7 @@ class BaseModelSettings:
     text_width: int = 64
     text_layers: int = 2
     text_pretrain_steps: int = 300
+    tiny_decoder_steps: int = 150
     autoencoder: AutoencoderSettings = AutoencoderSettings()
     seed: int = 0
 
@@ -98,7 +102,7 @@ def _text_encoder(tokenizer: CLIPTokenizer, cfg: BaseModelSettings) -> CLIPTextM
 
 
 def pretrain_text_encoder(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, steps: int, seed: int = 0,
-                          batch_size: int = 64, lr: float = 3e-3) -> dict:
+                          batch_size: int = 32, lr: float = 3e-3) -> dict:
     """Give the random text encoder what CLIP's pretraining gives Stable Diffusion's: text states that carry the
     visual concepts a caption names. A linear head on the mean of the last hidden states learns the expression
     (cross-entropy) and the AUs (binary cross-entropy) of toy captions drawn like FEText's; the head is discarded.
@@ -167,8 +171,8 @@ def build_base_model(path: str | Path, cfg: BaseModelSettings = BaseModelSetting
 
     Returns (path, report): {"autoencoder": its PSNR and training time, "text_encoder": its pretraining}."""
     resolution = cfg.autoencoder.resolution
-    vae, report = train_autoencoder(training_faces(cfg.faces, cfg.seed, resolution, cfg.face_crop), cfg.autoencoder,
-                                    progress)
+    faces = training_faces(cfg.faces, cfg.seed, resolution, cfg.face_crop)
+    vae, report = train_autoencoder(faces, cfg.autoencoder, progress)
     tokenizer = word_tokenizer(caption_words())
     state = torch.random.get_rng_state()
     try:
@@ -183,5 +187,8 @@ def build_base_model(path: str | Path, cfg: BaseModelSettings = BaseModelSetting
                                    requires_safety_checker=False)
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
+    if cfg.tiny_decoder_steps:
+        tiny, report["tiny_decoder"] = train_tiny_decoder(vae, faces, cfg.tiny_decoder_steps, seed=cfg.seed)
+        tiny.save_pretrained(path / TINY_DECODER, safe_serialization=True)
     (path / "synfer_base_model.json").write_text(json.dumps({**report, "vocabulary": len(tokenizer)}, indent=2))
     return path, report

@@ -16,8 +16,9 @@ import numpy as np
 from pydantic import Field
 
 from synfer_pipeline.curation.readers import RAFDB_CODES as _RAFDB_NAMES
-from synfer_pipeline.demo.base_model import BaseModelSettings, build_base_model
+from synfer_pipeline.demo.base_model import BaseModelSettings, build_base_model, training_faces
 from synfer_pipeline.demo.toyfaces import draw_toy_face
+from synfer_pipeline.fer.training import FERTrainSettings, save_trained, train_fer_classifier
 from synfer_pipeline.io.storage import atomic_folder
 from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import EXPRESSIONS_7
@@ -99,9 +100,20 @@ def write_demo_data(root: Path, seed: int = 0, n_train: int = 140, n_test: int =
 
 
 @settings
+class ReferenceFERSettings:
+    """The demo's stand-in for an off-the-shelf FER model (what FER2013's mini-Xception is for real photos, which it
+    cannot read on toy faces): a classifier trained on its own toy faces (never the demo datasets' faces, and never
+    the judge), that tells the expression of the unlabelled source for captions and their validation (`fer-reference/`,
+    loaded with `{kind: checkpoint, path: ...}`)."""
+
+    faces: int = 700
+    train: FERTrainSettings = FERTrainSettings(architecture="resnet", image_size=64, epochs=25, lr=5e-3, seed=7)
+
+
+@settings
 class DemoDataSettings:
-    """The profile's `demo_data` section: where the toy data goes, its seed, its sizes (faces per split), and the
-    demo's base diffusion model (built once, with an autoencoder trained on toy faces)."""
+    """The profile's `demo_data` section: where the toy data goes, its seed, its sizes (faces per split), the demo's
+    base diffusion model (built once, with an autoencoder trained on toy faces) and its reference FER model."""
 
     root: str
     seed: int = 0
@@ -109,6 +121,7 @@ class DemoDataSettings:
     rafdb_test: int = Field(70, ge=7)
     ffhq: int = Field(112, ge=7)
     base_model: BaseModelSettings = BaseModelSettings()
+    reference: ReferenceFERSettings | None = ReferenceFERSettings()
 
 
 def ensure_demo_data(spec: DemoDataSettings, force: bool = False, log: Callable[[str], None] = lambda s: None,
@@ -119,6 +132,8 @@ def ensure_demo_data(spec: DemoDataSettings, force: bool = False, log: Callable[
     marker = root / "COMPLETE"
     made_with = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=list)
     paths = {"rafdb": root / "rafdb", "ffhq": root / "ffhq", "base-sd": root / "base-sd"}
+    if spec.reference is not None:
+        paths["fer-reference"] = root / "fer-reference"
     if marker.exists() and marker.read_text() == made_with and not force:
         return paths
     shutil.rmtree(root, ignore_errors=True)  # forced, changed settings, or an incomplete earlier write
@@ -130,8 +145,24 @@ def ensure_demo_data(spec: DemoDataSettings, force: bool = False, log: Callable[
     ae, text = report["autoencoder"], report["text_encoder"]
     log(f"base model: autoencoder {ae['psnr_db']} dB PSNR after {ae['steps']} steps ({ae['seconds']} s); text encoder "
         f"pretrained {text['steps']} steps")
+    if spec.reference is not None:
+        paths["fer-reference"], accuracy = build_reference_fer(root / "fer-reference", spec.reference,
+                                                               spec.base_model.face_crop, spec.seed)
+        log(f"reference FER model: {accuracy:.1%} on held-out toy faces")
     marker.write_text(made_with)
     return paths
+
+
+def build_reference_fer(path: Path, cfg: ReferenceFERSettings, crop, seed: int = 0) -> tuple[Path, float]:
+    """Train the reference FER model on its own toy faces (cropped as ingest crops the demo's sources) and save it;
+    returns (path, accuracy on 140 held-out toy faces)."""
+    resolution = cfg.train.image_size
+    faces = training_faces(cfg.faces + 140, seed + 1000, resolution, crop)
+    labels = [EXPRESSIONS_7[i % len(EXPRESSIONS_7)] for i in range(len(faces))]
+    clf, _ = train_fer_classifier(faces[:cfg.faces], labels[:cfg.faces], cfg.train, "fer-reference")
+    accuracy = float(np.mean([p == t for p, t in zip(clf.predict(faces[cfg.faces:]), labels[cfg.faces:])]))
+    save_trained(clf, path, cfg.train, {"held_out_accuracy": accuracy})
+    return path, accuracy
 
 
 def _every(log: Callable[[str], None]) -> Callable[[int, int, float], None]:

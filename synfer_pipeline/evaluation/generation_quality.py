@@ -65,11 +65,13 @@ def check_judge(judge, guide) -> None:
 
 
 def evaluation_conditions(cfg: EvaluationBatchSettings, au_names: Sequence[str], prompts,
-                          classes: Sequence[str] = EXPRESSIONS_7) -> list[Condition]:
-    """The fixed evaluation batch: `per_class` images of every class, seeds and prompts from `cfg.seed` only."""
+                          classes: Sequence[str] = EXPRESSIONS_7, seed_parts: Sequence = ()) -> list[Condition]:
+    """The fixed evaluation batch: `per_class` images of every class, seeds and prompts from `cfg.seed` (and
+    `seed_parts`, e.g. a generation round: each round its own fixed batch) only."""
     labels = [c for c in classes for _ in range(cfg.per_class)]
-    seeds = [seed_of("evaluation", cfg.seed, c, i) for c in classes for i in range(cfg.per_class)]
-    keys = [f"eval{cfg.seed}-{c}-{i}" for c in classes for i in range(cfg.per_class)]
+    seeds = [seed_of("evaluation", cfg.seed, *seed_parts, c, i) for c in classes for i in range(cfg.per_class)]
+    tag = "-".join(map(str, (cfg.seed, *seed_parts)))
+    keys = [f"eval{tag}-{c}-{i}" for c in classes for i in range(cfg.per_class)]
     return make_conditions(seeds, keys, au_names, prompts, classes, labels=labels)
 
 

@@ -132,8 +132,10 @@ def _optimizer_and_schedule(settings: TrainSettings, job: TrainJob, accelerator:
     lr = settings.learning_rate
     if settings.scale_lr:
         lr *= settings.gradient_accumulation_steps * settings.train_batch_size * accelerator.num_processes
+    # foreach: one kernel over all parameters (the default only on GPUs; on a CPU the per-tensor loop cost a
+    # tenth of the demo's step time)
     optimizer = torch.optim.AdamW(job.parameters, lr=lr, betas=(settings.adam_beta1, settings.adam_beta2),
-                                  weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
+                                  weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon, foreach=True)
     # A prepared scheduler steps once per process at every optimizer step: count the schedule in those ticks.
     schedule = get_scheduler(settings.lr_scheduler, optimizer,
                              num_warmup_steps=settings.lr_warmup_steps * accelerator.num_processes,

@@ -78,6 +78,11 @@ class SynferSampler:
                    n_aus, tiny)
 
     @property
+    def resolution(self) -> int:
+        """The image side the UNet's sample size decodes to (px)."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
@@ -122,8 +127,7 @@ class SynferSampler:
         guidance = guidance or GuidanceSettings(scale=0.0)
         if guide is not None and guidance.scale and (targets is None or len(targets) != n):
             raise ValueError("semantic guidance needs one target class per prompt")
-        size = self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
-        height, width = height or size, width or size
+        height, width = height or self.resolution, width or self.resolution
 
         # 2. Encode the prompts, and the empty prompt for the unconditional branch of classifier-free guidance.
         text = self.encode_prompts(list(prompts))

@@ -1,0 +1,120 @@
+"""Generation rounds as a library: uniform labels and valid AU subsets, shards that cover a round once, keys without
+dots, and semantic guidance that is exactly off at lambda = 0 or K = 0 and raises the guide's target probability."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from synfer_pipeline.demo.tiny_sd import save_tiny_sd
+from synfer_pipeline.fer.role import FERClassifier
+from synfer_pipeline.generation.conditions import TemplatePrompts, sample_label_and_aus
+from synfer_pipeline.generation.guidance import GuidanceSettings
+from synfer_pipeline.generation.rounds import (RoundSettings, generate_images, round_size, sample_key,
+                                               shard_conditions, shard_range)
+from synfer_pipeline.generation.sampler import SynferSampler
+from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSION_INDEX, EXPRESSIONS_7, OPENGRAPHAU_41
+
+
+def test_labels_are_uniform_and_aus_are_non_empty_subsets_of_the_labels_set():
+    draws = [sample_label_and_aus(seed) for seed in range(7000)]
+    counts = Counter(label for label, _ in draws)
+    assert set(counts) == set(EXPRESSIONS_7)
+    for c in EXPRESSIONS_7:  # 1000 expected each; 5 standard deviations is about 150
+        assert abs(counts[c] - 1000) < 150, counts
+    subsets = Counter()
+    for label, aus in draws:
+        assert set(aus) <= set(EXPRESSION_AUS[label])
+        assert bool(aus) == (label != "neutral")
+        if label == "happy":
+            subsets[aus] += 1
+    # happy's set has 3 non-empty subsets, each about a third of the happy draws
+    assert set(subsets) == {("AU6",), ("AU12",), ("AU6", "AU12")}
+    assert max(subsets.values()) / min(subsets.values()) < 1.3
+
+
+def test_shards_cover_a_round_exactly_once_and_keys_have_no_dots():
+    total, shards = 103, 4
+    indices = [i for k in range(shards) for i in shard_range(total, shards, k)]
+    assert indices == list(range(total))
+    assert [len(shard_range(total, shards, k)) for k in range(shards)] == [26, 26, 26, 25]
+    assert "." not in sample_key("2026.11.23", 3, 7)
+    assert round_size(RoundSettings(), 490) == 2450  # the paper's 5x the labelled training set
+    assert round_size(RoundSettings(images=140), 490) == 140
+    with pytest.raises(ValueError, match="set generation.images"):
+        round_size(RoundSettings(), 0)
+
+
+def test_a_shards_conditions_follow_from_round_shard_and_index_only():
+    a = shard_conditions("2026-11-23", 2, range(52, 60), OPENGRAPHAU_41, TemplatePrompts(0))
+    b = shard_conditions("2026-11-23", 2, range(52, 60), OPENGRAPHAU_41, TemplatePrompts(0))
+    other_round = shard_conditions("2026-11-30", 2, range(52, 60), OPENGRAPHAU_41, TemplatePrompts(0))
+    assert a == b and [c.seed for c in a] != [c.seed for c in other_round]
+    assert len({c.seed for c in a}) == 8
+
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory):
+    return SynferSampler.from_pretrained(save_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd"))
+
+
+class _ColourReader(torch.nn.Module):
+    """A guide whose reading moves visibly with the image (the tiny SD's images are noise): logits from the mean
+    colour of each image quadrant, through fixed random weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(12, 7)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(7, 12, generator=torch.Generator().manual_seed(3)) * 8)
+
+    def forward(self, x):
+        quadrants = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+        return self.head(quadrants)
+
+
+@pytest.fixture(scope="module")
+def guide():
+    return FERClassifier(_ColourReader(), EXPRESSIONS_7, 32, name="guide").frozen()
+
+
+def _conditions(n=6):
+    return shard_conditions("r", 0, range(n), OPENGRAPHAU_41, TemplatePrompts(0))
+
+
+def _run(sampler, guide, scale, last_steps, form="text", steps=6):
+    cfg = RoundSettings(steps=steps, batch_size=3, guidance=GuidanceSettings(scale=scale, last_steps=last_steps, form=form))
+    return generate_images(sampler, _conditions(), cfg, guide)
+
+
+def test_lambda_zero_or_k_zero_gives_exactly_the_unguided_images(sampler, guide):
+    unguided = generate_images(sampler, _conditions(), RoundSettings(steps=6, batch_size=3), None)
+    for scale, k in ((0.0, 3), (2.0, 0)):
+        out = _run(sampler, guide, scale, k)
+        assert torch.equal(out.images, unguided.images)
+        assert torch.count_nonzero(out.text_shift) == 0
+    guided = _run(sampler, guide, 2.0, 3)
+    assert not torch.equal(guided.images, unguided.images)
+    assert torch.all(guided.text_shift > 0)
+
+
+@pytest.mark.parametrize("form", ["text", "latent"])
+def test_guidance_raises_the_guides_target_probability_on_average(sampler, guide, form):
+    conditions = _conditions()
+    targets = torch.tensor([EXPRESSION_INDEX[c.label] for c in conditions])
+
+    def target_probability(images):
+        with torch.no_grad():
+            return torch.softmax(guide(images), 1)[torch.arange(len(targets)), targets].mean().item()
+    before = target_probability(generate_images(sampler, conditions, RoundSettings(steps=6, batch_size=3), None).images)
+    # The tiny random SD's text path is weak: moving its text embedding moves the image less than moving the latent.
+    after = target_probability(_run(sampler, guide, 100.0 if form == "text" else 2.0, 3, form).images)
+    assert after > before + (0.02 if form == "text" else 0.2), (before, after)
+
+
+def test_a_guided_step_computes_no_weight_gradients(sampler, guide):
+    _run(sampler, guide, 1.0, 2)
+    for module in (sampler.unet, sampler.vae, sampler.text_encoder, guide):
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+    assert np.isfinite(_run(sampler, guide, 1.0, 2).images.numpy()).all()
