@@ -118,3 +118,64 @@ def test_a_guided_step_computes_no_weight_gradients(sampler, guide):
     for module in (sampler.unet, sampler.vae, sampler.text_encoder, guide):
         assert all(p.grad is None and not p.requires_grad for p in module.parameters())
     assert np.isfinite(_run(sampler, guide, 1.0, 2).images.numpy()).all()
+
+
+def test_an_llm_enriches_the_coarse_description_reproducibly(tmp_path):
+    """`LLMPrompts`: AutoModelForCausalLM + chat template (a tiny random Llama saved locally), greedy decoding."""
+    from tiny_models import LLAVA_CHAT_TEMPLATE, tiny_word_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from synfer_pipeline.generation.conditions import LLMPrompts, coarse_description
+    from synfer_pipeline.generation.rounds import PromptSettings, make_prompter
+
+    tokenizer = tiny_word_tokenizer(())
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    prompter = make_prompter(PromptSettings(kind="llm", id=str(tmp_path / "llm"), max_new_tokens=8))
+    assert isinstance(prompter, LLMPrompts)
+    first = shard_conditions("r", 0, range(3), OPENGRAPHAU_41, prompter)
+    again = shard_conditions("r", 0, range(3), OPENGRAPHAU_41, prompter)
+    assert [c.prompt for c in first] == [c.prompt for c in again] and all(c.prompt for c in first)
+    assert "happy" in coarse_description("happy", ["AU6"]) and "AU6" in coarse_description("happy", ["AU6"])
+    assert prompter.describe()["model"] == str(tmp_path / "llm")
+    with pytest.raises(ValueError, match="need the model's id"):
+        PromptSettings(kind="llm")
+
+
+class _SmoothNoise(torch.nn.Module):
+    """Stands in for a trained UNet in the inversion round trip: a smooth noise prediction (0.1 x the latent),
+    for which DDIM inversion is nearly exact (a random UNet's prediction is not smooth enough to invert)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.config = unet.config
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where the sampler reads its device from
+
+    def forward(self, latents, t, text, return_dict=False, **_):
+        return (0.1 * latents,)
+
+
+def test_layout_initialisation_starts_from_an_inverted_fetext_image(sampler):
+    """DDIM inversion of an image, denoised back with the same conditioning, lands on that image's latent; with
+    `layout_init` each image starts from its layout and records the FEText key it came from."""
+    smooth = SynferSampler(_SmoothNoise(sampler.unet), sampler.vae, sampler.text_encoder, sampler.tokenizer,
+                           sampler.scheduler)
+    image = torch.zeros(1, 3, 64, 64)
+    image[:, 0, 16:48, 16:48] = 0.8  # a red square on grey
+    with torch.no_grad():
+        target = smooth.decode(smooth.vae.encode(image).latent_dist.mean * smooth.vae.config.scaling_factor)
+    inverted = smooth.invert(image, num_inference_steps=20)
+    back = smooth([""], [0], num_inference_steps=20, guidance_scale=1.0, latents=inverted).images
+    fresh = smooth([""], [0], num_inference_steps=20, guidance_scale=1.0).images
+    assert (back - target).abs().mean() < 0.1 * (fresh - target).abs().mean()
+    cfg = RoundSettings(steps=6, batch_size=3, layout_init=True)
+    out = generate_images(sampler, _conditions(3), cfg, None, layout=lambda seed: (f"fetext-{seed % 5}", image[0]))
+    assert out.layout_sources == [f"fetext-{c.seed % 5}" for c in _conditions(3)]
+    plain = generate_images(sampler, _conditions(3), RoundSettings(steps=6, batch_size=3), None)
+    assert not torch.equal(out.images, plain.images)
