@@ -136,7 +136,7 @@ def au_labels(context: AssetExecutionContext, superres_faces: ArtifactRef, au_de
     profile, store = settings.get(), storage.get()
     detector = AUDetector.load(str(store.local_folder(au_detector.uri)), compute.device)
     fer_spec = profile.models.fer_reference
-    fer = load_fer_classifier(fer_spec, compute.device) if fer_spec else None
+    fer = load_fer_classifier(fer_spec, device=compute.device) if fer_spec else None
     writer = store.artifact("au_labels", context.partition_key, stage_key(
         AU_LABELS_VERSION, superres_faces.data_version, au_detector.data_version, fer.describe() if fer else None), owner=context.run_id, log=context.log.info)
     table = map_shards_to_table(store, superres_faces, "faces", writer, "au_labels",

@@ -20,10 +20,10 @@ from synfer_pipeline.settings import settings
 
 @settings
 class GuidanceSettings:
-    """scale: the step size lambda (0: no guidance); last_steps: K, guidance runs in the last K of the denoising steps
+    """scale: the step size lambda (0: no guidance; the paper sweeps it: too large destroys the image); last_steps: K, guidance runs in the last K of the denoising steps
     (the paper: 5 of 50); form: `text` (the paper) or `latent`; decoder: `vae`, or `tiny` (the tiny autoencoder)."""
 
-    scale: float = 0.05
+    scale: float = 1.0
     last_steps: int = 5
     form: Literal["text", "latent"] = "text"
     decoder: Literal["vae", "tiny"] = "vae"
