@@ -179,3 +179,24 @@ def test_layout_initialisation_starts_from_an_inverted_fetext_image(sampler):
     assert out.layout_sources == [f"fetext-{c.seed % 5}" for c in _conditions(3)]
     plain = generate_images(sampler, _conditions(3), RoundSettings(steps=6, batch_size=3), None)
     assert not torch.equal(out.images, plain.images)
+
+
+def test_guidance_can_decode_x0_with_a_tiny_autoencoder(sampler, guide):
+    """decoder: tiny decodes the predicted x0 with an AutoencoderTiny (scaling factor 1.0) instead of the VAE; a
+    sampler without one says so."""
+    from diffusers import AutoencoderTiny
+
+    with pytest.raises(ValueError, match="needs a tiny autoencoder"):
+        generate_images(sampler, _conditions(3), RoundSettings(steps=4, batch_size=3, guidance=GuidanceSettings(
+                scale=2.0, last_steps=2, form="latent", decoder="tiny")), guide)
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, num_encoder_blocks=(1,) * 4,
+                           decoder_block_out_channels=(8,) * 4, num_decoder_blocks=(1,) * 4)
+    with_tiny = SynferSampler(sampler.unet, sampler.vae, sampler.text_encoder, sampler.tokenizer, sampler.scheduler,
+                              tiny_decoder=tiny)
+    cfg = RoundSettings(steps=6, batch_size=3, guidance=GuidanceSettings(scale=2.0, last_steps=2, form="latent",
+                                                                         decoder="tiny"))
+    guided = generate_images(with_tiny, _conditions(3), cfg, guide)
+    plain = generate_images(with_tiny, _conditions(3), RoundSettings(steps=6, batch_size=3), None)
+    assert torch.isfinite(guided.images).all() and not torch.equal(guided.images, plain.images)
+    assert all(not p.requires_grad for p in tiny.parameters())
