@@ -63,6 +63,7 @@ def write_profile(path: Path, storage_root: str, datasets: dict, **sections) -> 
     import yaml
 
     base = yaml.safe_load((REPO / "profiles" / "demo.yaml").read_text())
+    base["fer_classifiers"] = {}  # the demo's roles train on its rafdb; a test with other datasets names its own
     base.update({"name": "test", "storage": {"root": storage_root}, "datasets": datasets}, **sections)
     path.write_text(yaml.safe_dump(base))
     return path
