@@ -189,9 +189,20 @@ def map_records(records: list[SourceRecord], settings: IngestSettings) -> Iterat
             yield from _process(batch)
         return
     ctx = multiprocessing.get_context("spawn")  # torch/dagster in the parent make fork unsafe
-    with ctx.Pool(settings.workers, initializer=_init_pool, initargs=(settings,)) as pool:
+    pool = ctx.Pool(settings.workers, initializer=_init_pool, initargs=(settings,))
+    try:
         for results in pool.imap(_process, batches):
             yield from results
+        # Workers leave on their own once the task queue is closed. Not `terminate`: it relies on SIGTERM, which a
+        # process started from some shells' background jobs inherits as ignored, and the join then never returns.
+        pool.close()
+    except BaseException:
+        for worker in list(getattr(pool, "_pool", [])):
+            worker.kill()  # SIGKILL: cannot be ignored
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 # -- the whole source -------------------------------------------------------------------------------------------
