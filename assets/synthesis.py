@@ -6,6 +6,7 @@ starts each new round), the shard a static index. A backfill of N shards is N in
 round's images, and of a fixed evaluation batch without and with guidance on the same seeds.
 """
 
+import dataclasses
 import io
 import json
 import tempfile
@@ -39,6 +40,7 @@ from synfer_pipeline.generation.rounds import (
     SHARD_NAME,
     generate_images,
     make_prompter,
+    models_record,
     round_size,
     sample_json,
     sample_key,
@@ -123,8 +125,7 @@ def synthetic_shards(context: AssetExecutionContext, diffusion_stage2: ArtifactR
     guided = guide is not None and cfg.guidance.scale > 0 and cfg.guidance.last_steps > 0
     total = round_size(cfg, _labelled_train(store, fer_classifiers))
     indices = list(shard_range(total, cfg.shards, shard))
-    models = {"diffusion_stage2": diffusion_stage2.data_version, "au_adapter": au_adapter.data_version,
-              "fetext": fetext.data_version, "captions": _captions_of(fetext)}
+    models = models_record(diffusion_stage2, au_adapter, fetext, _captions_of(fetext))
     writer = store.artifact("synthetic_shards", f"round={round_key}/shard={shard:05d}", stage_key(
         SHARDS_VERSION, round_key, shard, total, models, _guide_id(guide) if guided else "", profile.au_names,
         cfg), owner=context.run_id, log=context.log.info)
@@ -202,7 +203,7 @@ def synthetic_quality(context: AssetExecutionContext, synthetic_shards: dict, di
     batch = evaluation_conditions(eval_cfg, profile.au_names, make_prompter(cfg.prompts, compute.device),
                                   seed_parts=("round", round_key))
     sampler = _sampler(store, profile, diffusion_stage2, au_adapter, compute.device)
-    with_steps = type(eval_cfg)(**{**eval_cfg.__dict__, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale})
+    with_steps = dataclasses.replace(eval_cfg, steps=cfg.steps, cfg_scale=cfg.cfg_scale)
     bar = Progress(context, f"round {round_key} evaluation", 2 * len(batch), unit="image")
     unguided = generate(sampler, batch, with_steps, progress=lambda d, t: bar.update(d))
     guided = generate(sampler, batch, with_steps, guide=guide, guidance=cfg.guidance,

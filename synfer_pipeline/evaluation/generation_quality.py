@@ -22,6 +22,7 @@ from PIL import Image
 
 from synfer_pipeline.fer.role import RoleError
 from synfer_pipeline.generation.conditions import Condition, make_conditions, seed_of
+from synfer_pipeline.generation.rounds import to_uint8
 from synfer_pipeline.io.preview import grid_image
 from synfer_pipeline.settings import settings
 from synfer_pipeline.vocab import EXPRESSION_AUS, EXPRESSIONS_7
@@ -91,8 +92,7 @@ def generate(sampler, conditions: Sequence[Condition], cfg: EvaluationBatchSetti
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(images)]
 
 
 def au_accuracy(conditions: Sequence[Condition], detected: Sequence[Sequence[str]]) -> float | None:
