@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
-from assets import curation, fer, fetext, generator, ingest, synthesis
+from assets import curation, evaluation, fer, fetext, generator, ingest, labels, synthesis
 from assets.automation import round_complete_sensor, round_schedule
 from assets.jobs import JOBS
 from resources import ArtifactIOManager, ComputeResource, SettingsResource, StorageResource
 from synfer_pipeline.config import Profile, load_profile
 
-ASSET_MODULES = [ingest, curation, fer, fetext, generator, synthesis]
+ASSET_MODULES = [ingest, curation, fer, fetext, generator, synthesis, labels, evaluation]
 
 
 def build_resources(profile: Profile) -> dict:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from dagster import AssetExecutionContext, AssetIn, DataVersion, MetadataValue, Output, asset
 
@@ -26,24 +27,32 @@ FER_VERSION = "fer_classifiers-1"
 REPORT = "classifiers.json"
 
 
-def labelled_faces(store, superres_faces: dict[str, ArtifactRef], datasets) -> dict[str, tuple[list, list]]:
-    """{"train": (images, labels), "test": (images, labels)} from the labelled datasets' super-resolved faces; the
-    test split is each dataset's `test` split (`val` where a dataset has no test split)."""
-    splits: dict[str, dict[str, tuple[list, list]]] = {}
+class LabelledFaces(NamedTuple):
+    images: list
+    labels: list
+    keys: list
+
+
+def labelled_faces(store, superres_faces: dict[str, ArtifactRef], datasets) -> dict[str, LabelledFaces]:
+    """{"train": LabelledFaces, "test": LabelledFaces} from the labelled datasets' super-resolved faces (keys as
+    `{dataset}/{sample key}`); the test split is each dataset's `test` split (`val` where a dataset has no test
+    split)."""
+    splits: dict[str, dict[str, LabelledFaces]] = {}
     for name in datasets:
         for shard in input_shards(store, superres_faces[name], "faces"):
-            for _, members in iter_shard(store, shard):
+            for key, members in iter_shard(store, shard):
                 meta = json.loads(members["json"])
                 if meta.get("label"):
-                    images, labels = splits.setdefault(name, {}).setdefault(meta["split"], ([], []))
-                    images.append(open_image(image_member(members)))
-                    labels.append(meta["label"])
-    out = {"train": ([], []), "test": ([], [])}
+                    target = splits.setdefault(name, {}).setdefault(meta["split"], LabelledFaces([], [], []))
+                    target.images.append(open_image(image_member(members)))
+                    target.labels.append(meta["label"])
+                    target.keys.append(f"{name}/{key}")
+    out = {"train": LabelledFaces([], [], []), "test": LabelledFaces([], [], [])}
     for by_split in splits.values():
         for split, target in (("train", "train"), ("test" if "test" in by_split else "val", "test")):
-            images, labels = by_split.get(split, ([], []))
-            out[target][0].extend(images)
-            out[target][1].extend(labels)
+            part = by_split.get(split, LabelledFaces([], [], []))
+            for mine, theirs in zip(out[target], part):
+                mine.extend(theirs)
     return out
 
 
@@ -63,7 +72,7 @@ def fer_classifiers(context: AssetExecutionContext, superres_faces: dict, storag
     profile, store = settings.get(), storage.get()
     section = profile.fer_classifiers
     faces = labelled_faces(store, superres_faces, section.train_on)
-    (train_x, train_y), (test_x, test_y) = faces["train"], faces["test"]
+    (train_x, train_y, _), (test_x, test_y, _) = faces["train"], faces["test"]
     if any(isinstance(s, TrainedFERSpec) for s in section.classifiers.values()) and not train_x:
         raise ValueError(f"fer_classifiers: no labelled training faces in {list(section.train_on)}")
     writer = store.artifact("fer_classifiers", "all", stage_key(

@@ -42,4 +42,17 @@ quality_job = define_asset_job(
     "quality_job", selection=AssetSelection.assets("synthetic_quality"),
     description="Judge a generation round once all its shards exist (FER acc and AU acc, with and without guidance).")
 
-JOBS = [faces_job, au_detector_job, fer_job, annotations_job, fetext_job, generator_job, synthetic_job, quality_job]
+feranno_job = define_asset_job(
+    "feranno_job", selection=AssetSelection.assets("feranno"),
+    description="Train FERAnno's head on the frozen stage-2 UNet's features of the real labelled faces.")
+
+labels_job = define_asset_job(
+    "labels_job", selection=AssetSelection.assets("feranno_labels", "voted_labels"),
+    description="Every voter's probabilities for one synthetic shard (round x shard), then the voted labels.")
+
+evaluation_job = define_asset_job(
+    "evaluation_job", selection=AssetSelection.assets("fer_evaluation"),
+    description="Train the downstream FER recipe on real, synthetic and both, tested on the real test split.")
+
+JOBS = [faces_job, au_detector_job, fer_job, annotations_job, fetext_job, generator_job, synthetic_job, quality_job,
+        feranno_job, labels_job, evaluation_job]

@@ -29,11 +29,14 @@ from synfer_pipeline.curation.ingest import IngestSettings
 from synfer_pipeline.curation.readers import READERS
 from synfer_pipeline.curation.superres import LanczosSpec, SuperResSettings, UpscalerSpec
 from synfer_pipeline.demo.data import DemoDataSettings
+from synfer_pipeline.evaluation.downstream import DownstreamSettings
 from synfer_pipeline.evaluation.generation_quality import EvaluationBatchSettings
 from synfer_pipeline.fer.classifiers import FERSpec
 from synfer_pipeline.generation.au_adapter import AUAdapterConfig
 from synfer_pipeline.generation.rounds import RoundSettings
 from synfer_pipeline.generation.settings import TrainSettings
+from synfer_pipeline.labels.feranno import FERAnnoSettings
+from synfer_pipeline.labels.voting import VotingSettings
 from synfer_pipeline.torch_utils import DTYPES
 from synfer_pipeline.vocab import OPENGRAPHAU_41
 
@@ -152,6 +155,14 @@ class FERClassifiersSection(Section):
         return self
 
 
+class LabelsSection(Section):
+    """feranno: the FERAnno classifier trained on the stage-2 UNet's features (a voter when `fer_classifiers.voters`
+    names `feranno`); voting: how the voters' probabilities become labels."""
+
+    feranno: FERAnnoSettings = Field(default_factory=FERAnnoSettings)
+    voting: VotingSettings = Field(default_factory=VotingSettings)
+
+
 class Profile(Section):
     """A validated profile. Sections are typed; `dataset(name)` and `model(role)` look things up with clear errors."""
 
@@ -171,6 +182,8 @@ class Profile(Section):
     generator: GeneratorSection = Field(default_factory=GeneratorSection)
     fer_classifiers: FERClassifiersSection = Field(default_factory=FERClassifiersSection)
     generation: RoundSettings = Field(default_factory=RoundSettings)
+    labels: LabelsSection = Field(default_factory=LabelsSection)
+    fer_evaluation: DownstreamSettings = Field(default_factory=DownstreamSettings)
     demo_data: DemoDataSettings | None = None
 
     @model_validator(mode="before")
@@ -203,7 +216,15 @@ class Profile(Section):
         missing = [d for d in self.fer_classifiers.train_on if d not in self.datasets]
         if missing:
             raise ValueError(f"fer_classifiers.train_on names datasets the profile does not have: {missing}")
+        strangers = [v for v in self.labels.voting.weights if v not in self.fer_classifiers.voters]
+        if strangers:
+            raise ValueError(f"labels.voting.weights names {strangers}, which are not voters "
+                             f"(fer_classifiers.voters: {list(self.fer_classifiers.voters)})")
         return self
+
+    @property
+    def feranno_votes(self) -> bool:
+        return FERANNO in self.fer_classifiers.voters
 
     @property
     def storage_root(self) -> str:

@@ -110,15 +110,21 @@ class FERClassifier(nn.Module):
                 "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(), **self.info}
 
 
-def accuracy_and_confusion(classifier: Callable, images, labels: Sequence[str],
-                           classes: Sequence[str] = EXPRESSIONS[:7]) -> tuple[float, np.ndarray]:
-    """Accuracy of `classifier.predict(images)` against `labels`, and the (len(classes), len(classes)) confusion
-    counts (rows: true class, columns: predicted) over `classes`."""
-    predicted = classifier.predict(images)
+def confusion_matrix(truth: Sequence[str], predicted: Sequence[str],
+                     classes: Sequence[str] = EXPRESSIONS[:7]) -> np.ndarray:
+    """(len(classes), len(classes)) counts, rows the true class, columns the predicted one; labels outside
+    `classes` are not counted."""
     index = {c: i for i, c in enumerate(classes)}
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    for truth, guess in zip(labels, predicted):
-        if truth in index and guess in index:
-            matrix[index[truth], index[guess]] += 1
+    for t, p in zip(truth, predicted):
+        if t in index and p in index:
+            matrix[index[t], index[p]] += 1
+    return matrix
+
+
+def accuracy_and_confusion(classifier: Callable, images, labels: Sequence[str],
+                           classes: Sequence[str] = EXPRESSIONS[:7]) -> tuple[float, np.ndarray]:
+    """Accuracy of `classifier.predict(images)` against `labels`, and their `confusion_matrix` over `classes`."""
+    predicted = classifier.predict(images)
     correct = sum(t == p for t, p in zip(labels, predicted))
-    return (correct / len(labels) if len(labels) else float("nan")), matrix
+    return (correct / len(labels) if len(labels) else float("nan")), confusion_matrix(labels, predicted, classes)

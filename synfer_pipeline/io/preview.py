@@ -87,3 +87,30 @@ def stack_rows(images: Sequence[Image.Image]) -> Image.Image:
         sheet.paste(im.convert("RGB"), (0, y))
         y += im.height
     return sheet
+
+
+def bar_chart_png(groups: Sequence[tuple[str, Sequence[tuple[str, float | None]]]], title: str = "",
+                  width: int = 420, bar_h: int = 16) -> bytes:
+    """Horizontal bars of shares in [0, 1], in titled groups: [(group title, [(label, value or None)])]."""
+    font = ImageFont.load_default()
+    left, right = 170, 56
+    rows = sum(len(bars) + 1 for _, bars in groups)
+    img = Image.new("RGB", (left + width + right, 24 + rows * (bar_h + 4) + 8), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    d.text((4, 4), title, fill=(0, 0, 0), font=font)
+    y = 24
+    palette = [(90, 140, 220), (120, 190, 120), (230, 150, 80), (170, 120, 200)]
+    for g, (group, bars) in enumerate(groups):
+        d.text((4, y + 3), group, fill=(60, 60, 60), font=font)
+        y += bar_h + 4
+        for label, value in bars:
+            d.text((12, y + 3), label[:26], fill=(0, 0, 0), font=font)
+            d.rectangle([left, y, left + width, y + bar_h], outline=(220, 220, 220))
+            if value is not None:
+                d.rectangle([left, y, left + int(width * max(0.0, min(1.0, value))), y + bar_h],
+                            fill=palette[g % len(palette)])
+            d.text((left + width + 6, y + 3), "-" if value is None else f"{value:.1%}", fill=(0, 0, 0), font=font)
+            y += bar_h + 4
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
