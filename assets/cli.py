@@ -2,6 +2,8 @@
 
     synfer demo-data            write the built-in toy-face datasets where the profile expects them
     synfer demo                 demo data + materialize every asset of the graph into the local instance
+    synfer export OUT           the voted synthetic set of a round (default: the newest) as an ImageFolder tree and
+                                WebDataset shards with provenance; --with-real adds the real labelled faces
     synfer lineage ASSET        which exact upstream materializations fed the latest (or --run-id) materialization
     synfer retention --keep N   delete all but the N newest published versions of every asset partition (and what
                                 they were built from stays), plus old work-in-progress leftovers
@@ -85,6 +87,34 @@ def guidance_line(instance) -> str | None:
             f"{meta['au_acc_guided'].value:.1%})")
 
 
+def evaluation_table(instance) -> str | None:
+    """The newest round's downstream evaluation as terminal text (see `fer_evaluation`)."""
+    from dagster import AssetKey
+
+    from synfer_pipeline.evaluation.downstream import format_table
+
+    event = instance.get_latest_materialization_event(AssetKey("fer_evaluation"))
+    if event is None:
+        return None
+    meta = event.asset_materialization.metadata
+    return (f"downstream evaluation of round {event.asset_materialization.partition} (one recipe per training set, "
+            f"tested on the real test split):\n" + format_table(meta["training_rows"].value, meta["n_test"].value))
+
+
+def latest_ref(instance, asset: str, partition: str | None = None):
+    """The ArtifactRef of an asset partition's latest materialization."""
+    from dagster import AssetKey, AssetRecordsFilter
+
+    from resources.io_manager import REF_KEY
+    from synfer_pipeline.io.storage import ArtifactRef
+
+    records = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=AssetKey(asset), asset_partitions=[partition] if partition else None), limit=1).records
+    if not records:
+        raise LookupError(f"{asset}{f'[{partition}]' if partition else ''} has not been materialized in this instance")
+    return ArtifactRef(**records[0].asset_materialization.metadata[REF_KEY].value)
+
+
 def format_ablation(rows: list[tuple[str, dict]]) -> str:
     def pct(v):
         return "   -" if v is None else f"{v:6.1%}"
@@ -110,13 +140,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.time()
     with DagsterInstance.get() as instance:
         results = materialize_all(defs, instance, log=print)
-        rows, guided = ablation_rows(instance), guidance_line(instance)
+        rows, guided, evaluation = ablation_rows(instance), guidance_line(instance), evaluation_table(instance)
     failed = [name for name, ok in results if not ok]
     if rows:
         print("\ngeneration quality on the fixed evaluation batch (FER acc: the judge; AU acc: the AU detector):")
         print(format_ablation(rows))
     if guided:
         print(guided)
+    if evaluation:
+        print("\n" + evaluation)
     print(f"\nmaterialized {len(results)} run(s) in {time.time() - started:.0f} s; instance: {os.environ['DAGSTER_HOME']}")
     from synfer_pipeline.config import load_profile
 
@@ -126,6 +158,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The voted synthetic set of one round, read from the latest materializations in the instance."""
+    ensure_dagster_home()
+    import pandas as pd
+    from dagster import AssetKey, DagsterInstance
+
+    from assets.fer import labelled_faces
+    from assets.labels import LABELS, read_synthetic
+    from assets.synthesis import round_shard_partitions
+    from synfer_pipeline.config import load_profile
+    from synfer_pipeline.evaluation.export import export_voted
+    from synfer_pipeline.io.datasets import read_table
+    from synfer_pipeline.io.storage import Storage
+
+    profile = load_profile(args.profile)
+    store = Storage(profile.storage_root)
+    with DagsterInstance.get() as instance:
+        voted_keys = instance.get_materialized_partitions(AssetKey("voted_labels"))
+        rounds = sorted({k.split("|")[0] for k in voted_keys})
+        if not rounds and not args.round:
+            print("synfer export: no round has voted labels yet; run the graph through voted_labels first",
+                  file=sys.stderr)
+            return 1
+        round_key = args.round or rounds[-1]
+        shard_keys = [str(k) for k in round_shard_partitions.get_partition_keys()
+                      if k.keys_by_dimension["round"] == round_key]
+        try:
+            voted = pd.concat([read_table(store, latest_ref(instance, "voted_labels", k), LABELS) for k in shard_keys],
+                              ignore_index=True)
+            shard_refs = [latest_ref(instance, "synthetic_shards", k) for k in shard_keys]
+            real = None
+            if args.with_real:
+                refs = {d: latest_ref(instance, "superres_faces", d) for d in profile.fer_classifiers.train_on}
+                real = {split: (f.images, f.labels, f.keys)
+                        for split, f in labelled_faces(store, refs, profile.fer_classifiers.train_on).items()}
+        except LookupError as e:
+            print(f"synfer export: {e}; run the graph through voted_labels for round {round_key} first", file=sys.stderr)
+            return 1
+
+    def samples():
+        for ref in shard_refs:
+            for key, members, _ in read_synthetic(store, ref):
+                yield key, members, {"artifact": ref.uri, "data_version": ref.data_version, "partition": ref.partition}
+
+    manifest = export_voted(samples(), voted, args.out, formats=args.format, real=real)
+    print(f"exported round {round_key}: {manifest['synthetic']} synthetic images"
+          + (f" and {sum(manifest['real'].values())} real faces" if real else "") + f" to {args.out}")
+    for fmt, splits in manifest["counts"].items():
+        for split, counts in splits.items():
+            print(f"  {fmt}/{split}: " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items())))
     return 0
 
 
@@ -194,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="demo data + materialize the whole graph")
     p.add_argument("--profile", default=None)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("export", help="the voted synthetic set of a round as ImageFolder + WebDataset, with provenance")
+    p.add_argument("out", help="a new folder (refused if it exists and is not empty)")
+    p.add_argument("--round", default=None, help="the round's partition key (default: the newest)")
+    p.add_argument("--format", nargs="+", default=["imagefolder", "webdataset"], choices=["imagefolder", "webdataset"])
+    p.add_argument("--with-real", action="store_true", help="add the real labelled faces (train, and test as test/)")
+    p.add_argument("--profile", default=None)
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("lineage", help="the upstream chain of a materialization (reads $DAGSTER_HOME, default .synfer/dagster_home)")
     p.add_argument("asset")
     p.add_argument("--partition", default=None)

@@ -127,7 +127,8 @@ def fer_evaluation(context: AssetExecutionContext, synthetic_shards: dict, feran
     md += "\n\n| generator | FER acc | AU acc |\n|---|---|---|\n" + "\n".join(
         f"| {n} | {pct(r['fer_acc'])} | {pct(r['au_acc'])} |" for n, r in generation.items())
     return Output(ref, data_version=DataVersion(ref.data_version), metadata={
-        **ref_metadata(ref), "evaluation": MetadataValue.md(md),
+        **ref_metadata(ref), "evaluation": MetadataValue.md(md), "n_test": len(test.labels),
+        "synthetic_images": len(images), "real_train": len(train.labels),
         "training_rows": MetadataValue.json(rows), "generation_rows": MetadataValue.json(generation),
         **{"acc_" + re.sub(r"\W+", "_", n).strip("_"): r["test_accuracy"] for n, r in rows.items()
            if r.get("test_accuracy") is not None},

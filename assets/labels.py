@@ -142,6 +142,10 @@ def feranno_labels(context: AssetExecutionContext, synthetic_shards: ArtifactRef
         raise ValueError("feranno_labels needs voters: set fer_classifiers.voters (`feranno` names FERAnno)")
     roles = load_roles(profile, store, fer_classifiers, compute.device)["voters"]
     samples = read_synthetic(store, synthetic_shards)
+    guide = profile.fer_classifiers.guide
+    if guide in voters and any(meta["guide"] for _, _, meta in samples):
+        context.log.warning(f"the guide {guide!r} votes on images it steered: its calls are what guidance optimised, "
+                            "so it agrees with the intended label more than the images warrant")
     images = [open_image(image_member(m)) for _, m, _ in samples]
     probabilities = {}
     for name in voters:

@@ -4,6 +4,7 @@ It runs the demo profile with small budgets (data sizes, training steps, evaluat
 same code paths, in a fraction of the demo's minutes; `make demo` runs the real budgets.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,9 @@ from assets.definitions import build_definitions
 from synfer_pipeline.config import PROFILES_DIR, load_profile
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+ROUND_ASSETS = ("synthetic_shards", "synthetic_quality", "feranno_labels", "voted_labels", "fer_evaluation")
 
 
 def _latest(instance, key, partition=None):
@@ -40,6 +44,8 @@ def small_demo_profile(path: Path) -> Path:
     for stage in ("stage1", "stage2", "au_adapter"):
         raw["generator"][stage].update(train_batch_size=4, max_train_steps=4, checkpointing_steps=2, lr_warmup_steps=1)
     raw["generator"]["evaluation"].update(per_class=2, steps=3)
+    raw["labels"]["feranno"].update(epochs=2)
+    raw["fer_evaluation"]["train"]["epochs"] = 2
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -61,7 +67,20 @@ def test_synfer_demo_materializes_every_asset_and_partition(tmp_path, monkeypatc
     # ... and the round's guidance line: FER acc without and with guidance on the same seeds.
     assert re.search(r"FER acc \d+\.\d% without guidance, \d+\.\d% with: guidance (raises|lowers|leaves) the judge's",
                      proc.stdout), proc.stdout[-2000:]
+    # ... and the downstream evaluation table: one row per training set, tested on the real test split.
+    evaluation = proc.stdout.split("downstream evaluation of round")[1].splitlines()[1:7]
+    assert evaluation[0].split() == ["training", "set", "images", "real", "test", "acc"]
+    assert [row[:24].strip() for row in evaluation[1:]] == [
+        "real", "synthetic", "real+synthetic", "synthetic (no FERAnno)", "synthetic (intended)"]
+    assert all(re.fullmatch(r"\s+\d+\s+(\d+\.\d%|- \(.*\))", row[24:]) for row in evaluation[1:]), evaluation
     assert (home / "dagster_home" / "dagster.yaml").exists()
+    # `synfer export` writes the voted set of the newest round for other trainers.
+    export = subprocess.run([sys.executable, "-m", "assets.cli", "export", str(tmp_path / "export"), "--with-real"],
+                            cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    exported = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert exported["synthetic"] == load_profile(os.environ["SYNFER_PROFILE"]).generation.images
+    assert sum(exported["counts"]["imagefolder"]["test"].values()) == exported["real"]["test"]
 
     profile = load_profile(os.environ["SYNFER_PROFILE"])
     graph = build_definitions(profile).resolve_asset_graph()
@@ -69,10 +88,10 @@ def test_synfer_demo_materializes_every_asset_and_partition(tmp_path, monkeypatc
         for key in graph.get_all_asset_keys():
             partitions = graph.get(key).partitions_def
             keys = partitions.get_partition_keys() if partitions else [None]
-            if key.path[0] in ("synthetic_shards", "synthetic_quality"):  # rounds: the demo makes the newest one
+            if key.path[0] in ROUND_ASSETS:  # rounds: the demo makes the newest one
                 newest = max(str(k).split("|")[0] for k in keys)
                 keys = [k for k in keys if str(k).split("|")[0] == newest]
-                assert len(keys) == (profile.generation.shards if key.path[0] == "synthetic_shards" else 1)
+                assert len(keys) == (profile.generation.shards if "|" in str(keys[0]) else 1)
             for pk in keys:
                 assert _latest(instance, key, pk), f"{key.to_user_string()}[{pk}] was not materialized"
         manifest = pd.read_parquet(_latest(instance, AssetKey("raw_faces"), "rafdb").metadata["manifest"].value)

@@ -15,6 +15,7 @@ keeps the sample keys of each set so the asset can record them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -102,7 +103,7 @@ def evaluate_sets(sets: Sequence[TrainingSet], test_images: Sequence, test_label
             continue
         accuracies, matrices, started = [], [], time.perf_counter()
         for seed in cfg.seeds:
-            recipe = _with_seed(cfg.train, seed)
+            recipe = dataclasses.replace(cfg.train, seed=seed)
             clf, _ = train_fer_classifier(ts.images, ts.labels, recipe, ts.name,
                                           lambda e, n, loss, name=ts.name: progress(name, e, n, loss))
             acc, matrix = accuracy_and_confusion(clf, test_images, test_labels)
@@ -114,16 +115,11 @@ def evaluate_sets(sets: Sequence[TrainingSet], test_images: Sequence, test_label
     return rows
 
 
-def _with_seed(train: FERTrainSettings, seed: int) -> FERTrainSettings:
-    import dataclasses
-
-    return dataclasses.replace(train, seed=seed)
-
-
 def format_table(rows: Mapping[str, dict], n_test: int) -> str:
     """The evaluation as terminal text: a line per training set."""
     lines = [f"{'training set':<24} {'images':>7} {'real test acc':>14}"]
-    for name, row in rows.items():
+    order = {name: i for i, name in enumerate((REAL, SYNTHETIC, BOTH, NO_FERANNO, INTENDED))}
+    for name, row in sorted(rows.items(), key=lambda kv: order.get(kv[0], len(order))):
         acc = row.get("test_accuracy")
         shown = f"{acc:.1%}" if acc is not None else f"- ({row.get('skipped', '')})"
         spread = f" ± {row['spread']:.1%}" if acc is not None and len(row.get("accuracies", [])) > 1 else ""

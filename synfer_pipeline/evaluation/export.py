@@ -64,6 +64,8 @@ def export_voted(samples: Iterable[tuple[str, dict[str, bytes], Mapping]], voted
         def emit(split: str, key: str, label: str, png: bytes, provenance: dict) -> None:
             nonlocal shard_index, wds_samples
             for fmt in formats:
+                if fmt == "webdataset" and split != "train":
+                    continue  # the shards hold the training set; the test split is in the ImageFolder tree
                 by_split = counts[fmt].setdefault(split, {})
                 by_split[label] = by_split.get(label, 0) + 1
             if "imagefolder" in formats:
