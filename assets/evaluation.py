@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 from dagster import (
-    AssetExecutionContext,
     AllPartitionMapping,
+    AssetExecutionContext,
     AssetIn,
     AutomationCondition,
     DataVersion,
@@ -25,7 +25,7 @@ from assets.generator import EVALUATION_JSON
 from assets.labels import LABELS, PROBABILITIES, read_synthetic
 from assets.metadata import preview, ref_metadata
 from assets.progress import Progress
-from assets.synthesis import GPU_TAGS, round_partitions
+from assets.synthesis import round_partitions
 from resources import ComputeResource, SettingsResource, StorageResource
 from synfer_pipeline.config import FERANNO
 from synfer_pipeline.evaluation.downstream import evaluate_sets, format_table, training_sets

@@ -8,6 +8,7 @@ labels. The images are never rewritten: labels refer to the shard's sample keys.
 
 import dataclasses
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def feranno(context: AssetExecutionContext, diffusion_stage2: ArtifactRef, super
     def progress(stage, done, total, loss):
         if stage not in bars:
             bars[stage] = Progress(context, f"feranno {stage}", total, unit="image" if stage == "probe" else "epoch")
-        bars[stage].update(done, **({} if loss != loss else {"loss": loss}))
+        bars[stage].update(done, **({} if math.isnan(loss) else {"loss": loss}))
 
     model, metrics = train_feranno(sampler, train.images, train.labels, cfg, train_prompts, progress)
     for bar in bars.values():

@@ -9,8 +9,17 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from synfer_pipeline.evaluation.downstream import (BOTH, INTENDED, NO_FERANNO, REAL, SYNTHETIC, DownstreamSettings,
-                                                   evaluate_sets, format_table, training_sets)
+from synfer_pipeline.evaluation.downstream import (
+    BOTH,
+    INTENDED,
+    NO_FERANNO,
+    REAL,
+    SYNTHETIC,
+    DownstreamSettings,
+    evaluate_sets,
+    format_table,
+    training_sets,
+)
 from synfer_pipeline.evaluation.export import export_voted
 from synfer_pipeline.fer.training import FERTrainSettings
 from synfer_pipeline.io.images import encode_png

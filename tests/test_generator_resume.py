@@ -10,6 +10,7 @@ from s3_server import s3_environment
 
 import assets.generator as generator_module
 from assets.definitions import build_resources
+from synfer_pipeline.generation.workspace import TrainingWorkspace
 
 RESUMABLE = {"max_train_steps": 4, "checkpointing_steps": 2}
 
@@ -32,14 +33,23 @@ def _kill_after_step(monkeypatch, step):
     monkeypatch.setattr(generator_module, "_log", log_then_die)
 
 
-def _stage1_twice(profile, monkeypatch, wipe_local_work=None, resume_profile=None):
+def _stage1_twice(profile, monkeypatch, wipe_local_work=None, resume_profile=None, wait_for_uploads=False):
     """Stage 1 killed after step 3 (checkpoint at 2), then run again (optionally with another profile); returns the
-    finished materialization."""
+    finished materialization. wait_for_uploads: each checkpoint's upload finishes before training goes on (uploads
+    run in the background; without this, a kill one step later can race the upload of checkpoint 2, and a loaded
+    machine then resumes from nothing, which is correct but not what this test checks)."""
     instance = DagsterInstance.ephemeral()
     curate(profile, instance)
     run_assets(profile, instance, ["fetext"])
     with monkeypatch.context() as m:
         _kill_after_step(m, 3)
+        if wait_for_uploads:
+            queue = TrainingWorkspace.on_checkpoint
+
+            def queue_and_wait(self, folder):
+                queue(self, folder)
+                self.flush()
+            m.setattr(TrainingWorkspace, "on_checkpoint", queue_and_wait)
         with pytest.raises(Killed):
             materialize(ALL, selection=["diffusion_stage1"], resources=build_resources(profile), instance=instance)
     if wipe_local_work:
@@ -67,7 +77,7 @@ def test_on_s3_a_fresh_machine_resumes_from_the_uploaded_checkpoint(tmp_path, so
     monkeypatch.setenv("SYNFER_CACHE", str(tmp_path / "cache"))
     with s3_environment(monkeypatch) as s3:
         profile = gen_profile(tmp_path, sources, "Describe the face.", storage_root="s3://synfer/run", train=RESUMABLE)
-        resumed = _stage1_twice(profile, monkeypatch, wipe_local_work=lambda: shutil.rmtree(work))
+        resumed = _stage1_twice(profile, monkeypatch, wipe_local_work=lambda: shutil.rmtree(work), wait_for_uploads=True)
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="synfer", Prefix="run/diffusion_stage1/")["Contents"]]
     assert resumed.metadata["resumed_from_step"].value == 2
     version = resumed.tags["dagster/data_version"]

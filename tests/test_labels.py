@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from synfer_pipeline.demo.tiny_sd import build_tiny_sd
 from synfer_pipeline.demo.autoencoder import AutoencoderSettings
 from synfer_pipeline.demo.base_model import BaseModelSettings, build_base_model, training_faces
+from synfer_pipeline.demo.tiny_sd import build_tiny_sd
 from synfer_pipeline.generation.sampler import SynferSampler
 from synfer_pipeline.labels.attention import CrossAttentionRecorder
 from synfer_pipeline.labels.feranno import FERAnno, FERAnnoSettings, UNetProbe, train_feranno

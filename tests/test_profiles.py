@@ -135,3 +135,24 @@ def test_a_typo_in_a_profile_file_is_an_error(tmp_path):
 def test_unknown_profile_names_the_missing_file():
     with pytest.raises(FileNotFoundError, match="profile 'nope'"):
         load_profile("nope")
+
+
+def test_label_sections_are_typed_and_voting_weights_must_name_voters():
+    profile = load_profile("demo")
+    assert profile.feranno_votes and profile.labels.feranno.timestep == 1
+    assert profile.labels.feranno.conditioning == "fixed"  # a synthetic image's prompt names its intended label
+    assert profile.fer_classifiers.guide not in profile.fer_classifiers.voters
+    assert profile.fer_evaluation.train.resnet_depths == (2, 2, 2, 2)  # ResNet-18 depth
+    assert load_profile("paper").fer_evaluation.train.resnet_widths == (64, 128, 256, 512)
+    raw = _raw("demo")
+    raw["labels"]["voting"] = {"weights": {"resnet-guide": 2.0}, "min_confidence": 1.5}
+    raw["labels"]["feranno"]["conditioning"] = "prompt"
+    with pytest.raises(ProfileError) as err:
+        parse_profile(raw, "demo.yaml")
+    text = str(err.value)
+    assert "labels.voting: min_confidence must lie in [0, 1]" in text
+    assert "labels.feranno.conditioning" in text and "'prompt'" in text
+    raw = _raw("demo")
+    raw["labels"]["voting"] = {"weights": {"resnet-guide": 2.0}}
+    with pytest.raises(ProfileError, match=r"labels.voting.weights names \['resnet-guide'\], which are not voters"):
+        parse_profile(raw, "demo.yaml")

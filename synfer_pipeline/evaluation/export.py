@@ -86,7 +86,7 @@ def export_voted(samples: Iterable[tuple[str, dict[str, bytes], Mapping]], voted
                 continue
             seen.add(key)
             emit("train", key, row["voted"], image_member(members), _provenance(json.loads(members["json"]), row, source))
-        missing = sorted(set(k for k, r in rows.items() if r["kept"]) - seen)
+        missing = sorted({k for k, r in rows.items() if r["kept"]} - seen)
         if missing:
             raise KeyError(f"{len(missing)} voted samples were not found in the synthetic shards (first: {missing[0]})")
         for split, (images, labels, keys) in (real or {}).items():

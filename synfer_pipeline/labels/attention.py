@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +129,7 @@ class CrossAttentionRecorder:
             raise ValueError(f"{positions} image positions do not fit latents of {h}x{w}")
         return (h // factor, w // factor) if (h // factor) * (w // factor) == positions else (-(-h // factor), -(-w // factor))
 
-    def __enter__(self) -> CrossAttentionRecorder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -290,7 +290,7 @@ def train_feranno(sampler, images: Sequence[Image.Image], labels: Sequence[str],
     total_images = len(x) * len(views)
     parts = []
     for v, view in enumerate(views):
-        parts.append(probe.extract(view, texts, cfg.probe_batch_size, lambda done, total: progress(
+        parts.append(probe.extract(view, texts, cfg.probe_batch_size, lambda done, total, v=v: progress(
             "probe", v * len(x) + done, total_images, float("nan"))))
     feats = ProbeFeatures.cat(parts)
     targets = y.repeat(len(views))

@@ -79,12 +79,13 @@ def probabilities_of(table: pd.DataFrame, voter: str) -> np.ndarray:
     return table[[f"{voter}:{c}" for c in EXPRESSIONS]].to_numpy(dtype=np.float64)
 
 
-def vote(table: pd.DataFrame, cfg: VotingSettings = VotingSettings(), voters: Sequence[str] | None = None) -> pd.DataFrame:
+def vote(table: pd.DataFrame, cfg: VotingSettings | None = None, voters: Sequence[str] | None = None) -> pd.DataFrame:
     """Voted labels for a probability table: key, intended, voted, relabelled, confidence (mean probability of the
     voted class), intended_probability, kept, drop_reason, and each voter's own call `call:{voter}`.
 
     voters: which of the table's voters vote (default all); `cfg.weights` may only name voters of the table.
     """
+    cfg = cfg or VotingSettings()
     present = voters_of(table)
     voters = list(present if voters is None else voters)
     if not voters:
