@@ -361,3 +361,71 @@ def test_logits_are_differentiable_with_respect_to_the_input_image(poster, apvit
     face = torch.randn(1, 3, 112, 112, requires_grad=True)
     (grad,) = torch.autograd.grad(poster.face_landback(face)[2].sum(), face)
     assert grad.abs().sum() > 0
+
+
+# -- as roles (guide, judge, voter) --------------------------------------------------------------------------------
+
+def _canonical(logits: torch.Tensor, class_names) -> torch.Tensor:
+    """The module's logits reordered to `vocab.EXPRESSIONS`, classes it lacks at MISSING_LOGIT."""
+    from synfer_pipeline.fer.role import MISSING_LOGIT
+
+    out = torch.full((logits.shape[0], len(EXPRESSIONS)), MISSING_LOGIT)
+    for j, name in enumerate(class_names):
+        out[:, EXPRESSIONS.index(canonical_expression(name))] = logits[:, j]
+    return out
+
+
+def test_released_checkpoints_become_roles_with_their_preprocessing_and_class_order(poster, apvit, main_recorder,
+                                                                                    tmp_path):
+    from synfer_pipeline.fer.classifiers import load_fer_classifier
+
+    poster_file, apvit_file = tmp_path / "raf-db-model_best.pth", tmp_path / "APViT_RAF.pth"
+    torch.save(poster_checkpoint(poster.state_dict(), main_recorder), poster_file)
+    torch.save({"state_dict": apvit.state_dict()}, apvit_file)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    for model, spec, path in ((poster, POSTER_RAFDB, poster_file), (apvit, APVIT_RAFDB, apvit_file)):
+        role = load_fer_classifier({"kind": "released", "model": spec.name, "path": str(path)}, "voter")
+        assert role.input_size == spec.input_size and role.antialias == spec.antialias
+        assert role.info["kind"] == "released" and role.info["fingerprint"]
+        with torch.no_grad():
+            expected = _canonical(model(spec.preprocess((images + 1) / 2)), spec.class_names)
+            got = role(images)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert role.predict_proba(images).shape == (2, len(EXPRESSIONS))
+    # a user who knows the checkpoint's own class order overrides the spec's; a wrong count is refused
+    order = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger")
+    role = load_fer_classifier({"kind": "released", "model": "poster_rafdb", "path": str(poster_file),
+                                "class_names": list(order)})
+    assert role.class_names == order
+    with pytest.raises(ValueError, match="answers 7 classes"):
+        load_fer_classifier({"kind": "released", "model": "poster_rafdb", "path": str(poster_file),
+                             "class_names": ["happy", "sad"]})
+    with pytest.raises(Exception, match="poster_rafdb"):
+        load_fer_classifier({"kind": "released", "model": "poster_v3", "path": str(poster_file)})
+
+
+def test_semantic_guidance_through_poster_moves_the_text_embedding(poster):
+    """POSTER++ as the guide on a tiny model's 64 px x0 (resized to 224 inside the role): a gradient reaches the text
+    embedding and guidance moves it, finitely."""
+    from synfer_pipeline.demo.tiny_sd import build_tiny_sd
+    from synfer_pipeline.fer.role import FERClassifier
+    from synfer_pipeline.generation.guidance import GuidanceSettings, semantic_guidance
+    from synfer_pipeline.generation.sampler import SynferSampler
+
+    pipe = build_tiny_sd(seed=0)
+    sampler = SynferSampler(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    import copy
+
+    poster = copy.deepcopy(poster)  # frozen below; the module's fixture stays as the other tests expect it
+    guide = FERClassifier(poster, POSTER_RAFDB.class_names, POSTER_RAFDB.input_size, POSTER_RAFDB.mean,
+                          POSTER_RAFDB.std, name="poster").frozen()
+    sampler.scheduler.set_timesteps(4)
+    t = sampler.scheduler.timesteps[-1]
+    text = sampler.encode_prompts(["a happy face"])
+    latents = sampler.initial_latents([1], 64, 64)
+    targets = torch.tensor([EXPRESSIONS.index("happy")])
+    moved, same = semantic_guidance(sampler, latents, t, text, None, guide, targets, GuidanceSettings(scale=0.5))
+    shift = (moved - text).flatten(1).norm(dim=1)
+    assert torch.isfinite(moved).all() and torch.equal(same, latents)
+    torch.testing.assert_close(shift, torch.tensor([0.5]), rtol=1e-4, atol=1e-5)  # a normalised step of lambda
+    assert all(p.grad is None for p in poster.parameters())  # only the input got a gradient

