@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from dagster import AssetExecutionContext, AssetIn, DataVersion, MetadataValue, Output, asset
 
+from assets.execution import GPU_TAGS
 from assets.metadata import preview, ref_metadata
 from assets.partitions import dataset_partitions
 from resources import ComputeResource, SettingsResource, StorageResource
@@ -154,7 +155,7 @@ def au_labels(context: AssetExecutionContext, superres_faces: ArtifactRef, au_de
 
 
 @asset(partitions_def=dataset_partitions, io_manager_key="artifact_io", code_version=CAPTIONS_VERSION, group_name=GROUP,
-       kinds={"pytorch", "parquet"}, op_tags={"synfer/gpu": "required"})
+       kinds={"pytorch", "parquet"}, op_tags=GPU_TAGS)
 def mllm_captions(context: AssetExecutionContext, superres_faces: ArtifactRef, au_labels: ArtifactRef,
                   storage: StorageResource, settings: SettingsResource, compute: ComputeResource):
     """FEText-style captions from the configured multimodal LLM (or the named template captioner), cached per

@@ -6,6 +6,7 @@ from dagster import Definitions, load_asset_checks_from_modules, load_assets_fro
 
 from assets import curation, evaluation, fer, fetext, generator, ingest, labels, synthesis
 from assets.automation import round_complete_sensor, round_schedule
+from assets.execution import executor_for
 from assets.jobs import JOBS
 from resources import ArtifactIOManager, ComputeResource, SettingsResource, StorageResource
 from synfer_pipeline.config import Profile, load_profile
@@ -31,6 +32,7 @@ def build_definitions(profile: Profile) -> Definitions:
         schedules=[round_schedule],
         sensors=[round_complete_sensor],
         resources=build_resources(profile),
+        executor=executor_for(profile.execution),
     )
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, DataVersion, MetadataValue, Output, asset
 
+from assets.execution import GPU_TAGS
 from assets.fer import load_roles
 from assets.metadata import preview, ref_metadata
 from assets.progress import Progress
@@ -27,7 +28,6 @@ from synfer_pipeline.settings import settings_hash
 GROUP = "generator"
 # Code versions: in Dagster's staleness view and in the work keys (new code never resumes old work).
 STAGE1_VERSION, STAGE2_VERSION, ADAPTER_VERSION = "diffusion_stage1-2", "diffusion_stage2-2", "au_adapter-2"
-GPU_TAGS = {"synfer/gpu": "required"}
 EVALUATION_JSON = "evaluation.json"
 
 

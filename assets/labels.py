@@ -14,10 +14,11 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, AutomationCondition, DataVersion, MetadataValue, Output, asset
 
+from assets.execution import GPU_TAGS
 from assets.fer import labelled_faces, load_roles
 from assets.metadata import preview, ref_metadata
 from assets.progress import Progress
-from assets.synthesis import GPU_TAGS, round_shard_partitions
+from assets.synthesis import round_shard_partitions
 from resources import ComputeResource, SettingsResource, StorageResource
 from synfer_pipeline.config import FERANNO
 from synfer_pipeline.fer.role import confusion_matrix

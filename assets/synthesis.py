@@ -29,6 +29,7 @@ from dagster import (
 )
 from PIL import Image
 
+from assets.execution import GPU_TAGS
 from assets.fer import REPORT as FER_REPORT
 from assets.fer import load_roles
 from assets.metadata import preview, ref_metadata
@@ -57,7 +58,6 @@ from synfer_pipeline.vocab import EXPRESSIONS_7
 
 GROUP = "synthesis"
 SHARDS_VERSION, QUALITY_VERSION = "synthetic_shards-1", "synthetic_quality-1"
-GPU_TAGS = {"synfer/gpu": "required"}
 
 
 def _round_partitions(profile) -> tuple[TimeWindowPartitionsDefinition, MultiPartitionsDefinition]:

@@ -155,6 +155,31 @@ class FERClassifiersSection(Section):
         return self
 
 
+class ExecutionSection(Section):
+    """Where steps run (assets/execution.py). executor: in_process | multiprocess | docker | k8s; max_concurrent:
+    steps at once; preload_modules: what the multiprocess forkserver imports once; image: the step image (docker,
+    k8s); env_vars: passed to step containers (names, or NAME=value; secrets stay in the environment); namespace:
+    Kubernetes namespace; gpus_per_step, gpu_limits (extra limits, e.g. memory), node_selector, tolerations: what a
+    GPU step's Kubernetes Job requests."""
+
+    executor: Literal["in_process", "multiprocess", "docker", "k8s"] = "multiprocess"
+    max_concurrent: int = Field(4, ge=1)
+    preload_modules: tuple[str, ...] = ("torch", "diffusers", "transformers", "synfer_pipeline")
+    image: str | None = None
+    env_vars: tuple[str, ...] = ("SYNFER_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
+    namespace: str | None = None
+    gpus_per_step: int = Field(1, ge=1)
+    gpu_limits: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: tuple[dict[str, Any], ...] = ()
+
+    @model_validator(mode="after")
+    def _image_for_containers(self) -> ExecutionSection:
+        if self.executor in ("docker", "k8s") and not self.image:
+            raise ValueError(f"executor {self.executor!r} runs every step in a container: set execution.image")
+        return self
+
+
 class LabelsSection(Section):
     """feranno: the FERAnno classifier trained on the stage-2 UNet's features (a voter when `fer_classifiers.voters`
     names `feranno`); voting: how the voters' probabilities become labels."""
@@ -183,6 +208,7 @@ class Profile(Section):
     fer_classifiers: FERClassifiersSection = Field(default_factory=FERClassifiersSection)
     generation: RoundSettings = Field(default_factory=RoundSettings)
     labels: LabelsSection = Field(default_factory=LabelsSection)
+    execution: ExecutionSection = Field(default_factory=ExecutionSection)
     fer_evaluation: DownstreamSettings = Field(default_factory=DownstreamSettings)
     demo_data: DemoDataSettings | None = None
 

@@ -81,7 +81,9 @@ def demo_base(tmp_path_factory) -> SynferSampler:
     """The demo's base model (an autoencoder trained on toy faces, 4x: 16x16 latents), on a small budget."""
     cfg = BaseModelSettings(faces=56, autoencoder=AutoencoderSettings(steps=80, batch_size=8, blocks=(8, 16, 16)),
                             text_pretrain_steps=1, tiny_decoder_steps=0)
-    path, _ = build_base_model(tmp_path_factory.mktemp("base") / "base-sd", cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)  # the autoencoder's training draws from the global generator: fixed, whatever ran before
+        path, _ = build_base_model(tmp_path_factory.mktemp("base") / "base-sd", cfg)
     return SynferSampler.from_pretrained(path)
 
 
@@ -105,14 +107,15 @@ def test_feranno_learns_toy_expressions_above_chance_and_round_trips(tmp_path, d
     """The UNet stays frozen; the head alone learns to read the expression from the UNet's features."""
     sampler = demo_base
     unet_before = {k: v.clone() for k, v in sampler.unet.state_dict().items()}
-    train_x, train_y = _toy_faces(210, seed=1)
-    test_x, test_y = _toy_faces(70, seed=2)
+    train_x, train_y = _toy_faces(280, seed=1)
+    test_x, test_y = _toy_faces(140, seed=2)
     cfg = FERAnnoSettings(grid=4, width=64, heads=4, epochs=60, lr=2e-3, batch_size=32)
     model, metrics = train_feranno(sampler, train_x, train_y, cfg)
     predicted = model.predict(test_x)
     accuracy = np.mean([p == t for p, t in zip(predicted, test_y)])
-    # chance is 14%; the demo's UNet here is random (only its autoencoder learned faces): 34% measured
-    assert accuracy > 0.26, accuracy
+    # chance is 14.3% (3 points of standard error on 140 faces); the UNet here is random, only its autoencoder
+    # learned faces: 31-38% measured over three autoencoder seeds (the demo's trained UNet: 60%)
+    assert accuracy > 0.24, accuracy
     assert metrics["attention_layers"] == len(
         [n for n in sampler.unet.attn_processors if n.endswith("attn2.processor")]) and metrics["n_train"] == len(train_x)
     assert metrics["loss_curve"][-1] < metrics["loss_curve"][0]
