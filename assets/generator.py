@@ -11,12 +11,12 @@ from assets.metadata import preview, ref_metadata
 from assets.progress import Progress
 from resources import SettingsResource, StorageResource
 from synfer_pipeline.evaluation.generation_quality import evaluation_conditions, generate, score
-from synfer_pipeline.generation.au_adapter import train_au_adapter
 from synfer_pipeline.generation.conditions import TemplatePrompts
+from synfer_pipeline.generation.launch import LaunchJob
+from synfer_pipeline.generation.launch import train as launch_training
 from synfer_pipeline.generation.report import loss_curve_png
 from synfer_pipeline.generation.sampler import SynferSampler
 from synfer_pipeline.generation.settings import TrainSettings
-from synfer_pipeline.generation.train import train_unet
 from synfer_pipeline.generation.workspace import TrainingWorkspace, lineage_record
 from synfer_pipeline.io.images import encode_png
 from synfer_pipeline.io.preview import stack_rows
@@ -27,7 +27,7 @@ from synfer_pipeline.settings import settings_hash
 
 GROUP = "generator"
 # Code versions: in Dagster's staleness view and in the work keys (new code never resumes old work).
-STAGE1_VERSION, STAGE2_VERSION, ADAPTER_VERSION = "diffusion_stage1-2", "diffusion_stage2-2", "au_adapter-2"
+STAGE1_VERSION, STAGE2_VERSION, ADAPTER_VERSION = "diffusion_stage1-3", "diffusion_stage2-3", "au_adapter-3"
 EVALUATION_JSON = "evaluation.json"
 
 
@@ -86,6 +86,18 @@ def _log(context, total: int, desc: str):
     return log
 
 
+def _train(context, profile, workspace: TrainingWorkspace, kind: str, cfg: TrainSettings, urls: list[str], base: str,
+           desc: str, adapter: dict | None = None):
+    """One training run on `compute.num_processes` processes (one per GPU; 1: in this step's process)."""
+    job = LaunchJob(kind, cfg.to_dict(), urls, base, str(workspace.output_dir), str(workspace.state_dir), adapter)
+    n = profile.compute.num_processes
+    if n > 1:
+        context.log.info(f"{desc}: one training loop on {n} processes (torch.distributed.run), global batch "
+                         f"{cfg.train_batch_size * cfg.gradient_accumulation_steps * n}")
+    return launch_training(job, n, workspace.on_checkpoint, _log(context, cfg.max_train_steps, desc),
+                           output=context.log.debug, device=profile.compute.device)
+
+
 def _evaluate(context, profile, store, sampler, fer: ArtifactRef, detector: ArtifactRef, row: str):
     """The fixed evaluation batch through `sampler`, judged by the judge role and the AU detector."""
     from synfer_pipeline.curation.au_detector import AUDetector
@@ -128,8 +140,7 @@ def diffusion_stage1(context: AssetExecutionContext, fetext: ArtifactRef, fer_cl
     profile, store = settings.get(), storage.get()
     base, cfg = profile.base_model_id(), profile.generator.stage1
     workspace = _workspace(context, store, cfg, STAGE1_VERSION, fetext.data_version, base, model_fingerprint(base))
-    report = train_unet(cfg, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir, workspace.state_dir,
-                        workspace.on_checkpoint, _log(context, cfg.max_train_steps, "stage 1"))
+    report = _train(context, profile, workspace, "unet", cfg, shard_urls(store, fetext.uri, "fetext"), base, "stage 1")
     rows = {"base": _evaluate(context, profile, store, SynferSampler.from_pretrained(base), fer_classifiers,
                               au_detector, "base")}
     rows["stage 1"] = _evaluate(context, profile, store, SynferSampler.from_pretrained(workspace.output_dir),
@@ -149,8 +160,7 @@ def diffusion_stage2(context: AssetExecutionContext, diffusion_stage1: ArtifactR
         raise ValueError("generator.stage2 must set native_hr_only: true (stage 2 trains on CelebA-HQ/FFHQ only)")
     base = str(store.local_folder(diffusion_stage1.uri))
     workspace = _workspace(context, store, cfg, STAGE2_VERSION, diffusion_stage1.data_version, fetext.data_version)
-    report = train_unet(cfg, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir, workspace.state_dir,
-                        workspace.on_checkpoint, _log(context, cfg.max_train_steps, "stage 2"))
+    report = _train(context, profile, workspace, "unet", cfg, shard_urls(store, fetext.uri, "fetext"), base, "stage 2")
     rows = {"stage 2": _evaluate(context, profile, store, SynferSampler.from_pretrained(workspace.output_dir),
                                  fer_classifiers, au_detector, "stage 2")}
     return _finish(context, workspace, report, {"diffusion_stage1": diffusion_stage1, "fetext": fetext},
@@ -169,8 +179,8 @@ def au_adapter(context: AssetExecutionContext, diffusion_stage2: ArtifactRef, fe
     base = str(store.local_folder(diffusion_stage2.uri))
     workspace = _workspace(context, store, cfg, ADAPTER_VERSION, diffusion_stage2.data_version, fetext.data_version,
                            adapter)
-    report = train_au_adapter(cfg, adapter, shard_urls(store, fetext.uri, "fetext"), base, workspace.output_dir,
-                              workspace.state_dir, workspace.on_checkpoint, _log(context, cfg.max_train_steps, "AU adapter"))
+    report = _train(context, profile, workspace, "au_adapter", cfg, shard_urls(store, fetext.uri, "fetext"), base,
+                    "AU adapter", adapter.to_dict())
     sampler = SynferSampler.from_pretrained(base, adapter_dir=workspace.output_dir)
     rows = {"adapter": _evaluate(context, profile, store, sampler, fer_classifiers, au_detector, "adapter")}
     return _finish(context, workspace, report, {"diffusion_stage2": diffusion_stage2, "fetext": fetext},

@@ -77,8 +77,13 @@ class ChecksSection(Section):
 
 
 class ComputeSection(Section):
+    """device / dtype: where and in what precision models run; num_processes: processes for one training loop
+    (generator stages and AU adapter): one per GPU on a multi-GPU machine, launched by `torch.distributed.run`
+    inside the step (synfer_pipeline/generation/launch.py); the global batch is train_batch_size x num_processes."""
+
     device: str = "cpu"            # cpu | cuda | cuda:N | mps | auto
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+    num_processes: int = Field(1, ge=1)
 
 
 class BaseDiffusionSpec(Section):
@@ -246,6 +251,10 @@ class Profile(Section):
         if strangers:
             raise ValueError(f"labels.voting.weights names {strangers}, which are not voters "
                              f"(fer_classifiers.voters: {list(self.fer_classifiers.voters)})")
+        n, gpus = self.compute.num_processes, self.execution.gpus_per_step
+        if n > 1 and self.execution.executor == "k8s" and self.compute.device != "cpu" and n > gpus:
+            raise ValueError(f"compute.num_processes is {n} but a GPU step's Kubernetes Job requests "
+                             f"execution.gpus_per_step = {gpus} GPU(s): one process per GPU needs {n}")
         return self
 
     @property

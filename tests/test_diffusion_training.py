@@ -200,6 +200,7 @@ def test_feed_streams_s3_shards_in_the_same_order_as_local_ones(fetext, tmp_path
 def test_noise_loss_regresses_on_the_schedulers_target(base_model, kind):
     from diffusers import DDPMScheduler
 
+    from synfer_pipeline.generation.loop import SampleRandomness
     from synfer_pipeline.generation.train import NoiseLoss, load_components
 
     parts = load_components(base_model)
@@ -213,28 +214,42 @@ def test_noise_loss_regresses_on_the_schedulers_target(base_model, kind):
         seen.update(noisy=noisy, t=t, text=text)
         return (torch.zeros_like(noisy),)
 
-    loss = NoiseLoss(parts.vae, parts.text_encoder, scheduler)(zero_unet, batch, torch.Generator().manual_seed(0))
-    # The same draws in the same order: VAE sample, noise, timesteps.
-    g = torch.Generator().manual_seed(0)
+    keys = ["a", "b"]
+    loss = NoiseLoss(parts.vae, parts.text_encoder, scheduler)(zero_unet, batch, SampleRandomness(0, 3, 0, keys))
+    # The same draws in the same order, per sample: VAE sample, noise, timestep.
+    draws = SampleRandomness(0, 3, 0, keys)
     with torch.no_grad():
-        latents = parts.vae.encode(batch["pixel_values"]).latent_dist.sample(generator=g)
-    latents = latents * parts.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(0, 1000, (2,), generator=g)
+        posterior = parts.vae.encode(batch["pixel_values"]).latent_dist
+    shape = tuple(posterior.mean.shape[1:])
+    latents = (posterior.mean + posterior.std * draws.randn(shape, "cpu")) * parts.vae.config.scaling_factor
+    noise = draws.randn(shape, "cpu")
+    t = draws.randint(1000, "cpu")
     target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t)
     assert torch.equal(seen["t"], t) and torch.allclose(seen["noisy"], scheduler.add_noise(latents, noise, t))
     assert torch.allclose(loss, (target**2).mean())
     # Min-SNR weighting (Hang et al.): per sample min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction.
-    # gamma = 0.05 lies between the two drawn timesteps' SNRs: it clamps one sample's weight and not the other's.
+    # gamma between the two drawn timesteps' SNRs clamps one sample's weight and not the other's.
     snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
-    gamma = 0.05
+    gamma = float(snr.min() + snr.max()) / 2
     assert (snr > gamma).any() and (snr < gamma).any()
     weights = snr.clamp(max=gamma) / (snr + 1 if kind == "v_prediction" else snr)
     expected = ((target**2).mean(dim=(1, 2, 3)) * weights).mean()
     weighted = NoiseLoss(parts.vae, parts.text_encoder, scheduler, snr_gamma=gamma)(zero_unet, batch,
-                                                                                  torch.Generator().manual_seed(0))
+                                                                                  SampleRandomness(0, 3, 0, keys))
     assert torch.allclose(weighted, expected, rtol=1e-5)
     assert not torch.allclose(weighted, loss)  # the weighting really changed the loss
+
+
+def test_a_samples_draws_do_not_depend_on_its_batch():
+    """What makes N processes equal to one: sample `key` draws the same noise and timestep wherever it is batched."""
+    from synfer_pipeline.generation.loop import SampleRandomness
+
+    pair, trio = SampleRandomness(7, 2, 0, ["a", "b"]), SampleRandomness(7, 2, 0, ["c", "b", "a"])
+    assert torch.equal(pair.randn((4, 2, 2), "cpu")[[1, 0]], trio.randn((4, 2, 2), "cpu")[[1, 2]])
+    assert torch.equal(pair.randint(1000, "cpu")[[1, 0]], trio.randint(1000, "cpu")[[1, 2]])
+    # ... and differently at another step, or for another key
+    assert not torch.equal(SampleRandomness(7, 3, 0, ["a"]).randn((4,), "cpu"), SampleRandomness(7, 2, 0, ["a"]).randn((4,), "cpu"))
+    assert not torch.equal(SampleRandomness(7, 2, 0, ["a"]).randn((4,), "cpu"), SampleRandomness(7, 2, 0, ["b"]).randn((4,), "cpu"))
 
 
 # --- training ------------------------------------------------------------------------------------------------------

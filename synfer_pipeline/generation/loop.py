@@ -3,8 +3,9 @@
 It reads like diffusers' `train_text_to_image.py`: an `Accelerator` owns devices, mixed precision, gradient
 accumulation and multi-GPU; the model, optimizer and LR scheduler go through `prepare`; each optimizer step runs
 `gradient_accumulation_steps` micro-batches under `accumulate`, clips gradients when they sync, updates the EMA.
-What differs: randomness is a function of (seed, step, micro-batch, rank) rather than of a generator carried through
-the run, and the data position is saved with every checkpoint, so a resumed run reproduces an uninterrupted one.
+What differs: randomness is a function of (seed, step, micro-batch, sample key) rather than of a generator carried
+through the run, and the data position is saved with every checkpoint, so a resumed run reproduces an uninterrupted
+one, and N processes reproduce one process with N times their batch.
 
 The data loader is not passed to `prepare`: accelerate would dispatch one iterable from the main process, whereas
 here every process streams its own shards (see `data.py`), which is what makes the position per process exact.
@@ -45,7 +46,7 @@ class TrainJob:
     model: the module prepared with accelerate and called by `loss` (the UNet, possibly carrying the AU adapter);
     parameters: the parameters the optimizer updates (all others must have requires_grad False);
     frozen: modules moved to the device in the mixed-precision dtype (VAE, text encoder);
-    loss: (prepared model, batch on device, torch.Generator) -> scalar loss;
+    loss: (prepared model, batch on device, SampleRandomness) -> scalar loss, the mean over the batch's samples;
     tokenizer: for the data stream; au_dropout / au_names: AU dropout probability and the AU order the job reads
     (None: the job reads no AUs, as the UNet stages);
     trainable_state_only: checkpoints hold only `parameters` (the adapter) instead of the whole model;
@@ -55,7 +56,7 @@ class TrainJob:
     model: torch.nn.Module
     parameters: list[torch.nn.Parameter]
     frozen: list[torch.nn.Module]
-    loss: Callable[[torch.nn.Module, dict, torch.Generator], torch.Tensor]
+    loss: Callable[[torch.nn.Module, dict, SampleRandomness], torch.Tensor]
     tokenizer: object
     au_dropout: float = 0.0
     au_names: tuple[str, ...] | None = None
@@ -73,10 +74,34 @@ class LoopResult:
     model: torch.nn.Module  # unwrapped, float32 master weights
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    """The random generator of one micro-batch: noise, timesteps and VAE sampling depend only on these numbers."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{rank}".encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "big") & (2**63 - 1))
+class SampleRandomness:
+    """The random draws of one micro-batch, made per sample: sample `key`'s VAE sample, noise and timestep come from
+    a generator seeded by (seed, step, micro-batch, key) alone, not by the process or the batch the sample is in.
+    So N processes with batch b draw exactly what one process with batch N*b draws for the same samples, and a
+    multi-process run computes the single-process run's gradients (up to the reduction's float rounding).
+
+    Draws are made on the CPU (identical on every device) and copied to `device` in one transfer per draw.
+    """
+
+    def __init__(self, seed: int, step: int, micro: int, keys: list[str]):
+        self.generators = [torch.Generator().manual_seed(_seed_of(f"{seed}:{step}:{micro}:{key}")) for key in keys]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """(batch, *shape) standard normal draws, one row per sample."""
+        draws = torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+        return draws.to(device, non_blocking=True)
+
+    def randint(self, high: int, device: torch.device) -> torch.Tensor:
+        """(batch,) integers in [0, high), one per sample."""
+        draws = torch.stack([torch.randint(0, high, (), generator=g) for g in self.generators])
+        return draws.to(device, non_blocking=True)
+
+
+def _seed_of(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") & (2**63 - 1)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -301,9 +326,9 @@ def _optimizer_step(settings: TrainSettings, run: _Run, job: TrainJob) -> torch.
     for micro in range(settings.gradient_accumulation_steps):
         batch = _to_device(next(run.feed), accelerator.device)
         _count(progress, batch)
-        generator = step_generator(settings.seed, progress.step, micro, accelerator.process_index, accelerator.device)
+        randomness = SampleRandomness(settings.seed, progress.step, micro, batch["keys"])
         with accelerator.accumulate(model):
-            loss = job.loss(model, batch, generator)
+            loss = job.loss(model, batch, randomness)
             accelerator.backward(loss)
             if accelerator.sync_gradients and settings.max_grad_norm:
                 accelerator.clip_grad_norm_(job.parameters, settings.max_grad_norm)

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.training_utils import compute_snr
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from synfer_pipeline.generation.loop import TrainJob, run_training
+from synfer_pipeline.generation.loop import SampleRandomness, TrainJob, run_training
 from synfer_pipeline.generation.settings import TrainReport, TrainSettings
 from synfer_pipeline.io.storage import atomic_folder
 from synfer_pipeline.io.versions import model_fingerprint, weights_version
@@ -71,20 +71,21 @@ class NoiseLoss:
     snr_gamma: float | None = None
     extra_inputs: Callable[[dict], dict] | None = None
 
-    def __call__(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, unet: torch.nn.Module, batch: dict, randomness: SampleRandomness) -> torch.Tensor:
         device = batch["pixel_values"].device
         with torch.no_grad():
             # the first parameter's dtype: `vae.dtype` walks every module, a visible cost per step on small models
             pixels = batch["pixel_values"].to(next(self.vae.parameters()).dtype)
-            latents = self.vae.encode(pixels).latent_dist.sample(generator=generator).float()
+            posterior = self.vae.encode(pixels).latent_dist
+            shape = tuple(posterior.mean.shape[1:])
+            latents = (posterior.mean + posterior.std * randomness.randn(shape, device).to(posterior.mean.dtype)).float()
             latents = latents * self.vae.config.scaling_factor
             text = self.text_encoder(batch["input_ids"], return_dict=False)[0]
-        b, c = latents.shape[:2]
-        noise = torch.randn(latents.shape, generator=generator, device=device)
+        c = latents.shape[1]
+        noise = randomness.randn(shape, device)
         if self.noise_offset:
-            noise = noise + self.noise_offset * torch.randn((b, c, 1, 1), generator=generator, device=device)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
-                                  device=device)
+            noise = noise + self.noise_offset * randomness.randn((c, 1, 1), device)
+        timesteps = randomness.randint(self.scheduler.config.num_train_timesteps, device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = self._target(latents, noise, timesteps)
         extra = self.extra_inputs(batch) if self.extra_inputs is not None else {}
