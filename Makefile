@@ -2,6 +2,7 @@
 #   make demo   -- the whole asset graph on the built-in demo data with tiny models, on CPU (local storage + SQLite instance)
 #   make test   -- the test suite
 #   make ui     -- dagster dev on 127.0.0.1:3000 over the same instance and storage as the demo
+#   make ui-screenshot -- a PNG of the asset graph from the running `make ui` (headless Chromium)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,8 +13,9 @@ export SYNFER_PROFILE ?= demo
 export SYNFER_FIXTURES ?= $(SYNFER_HOME)/fixtures
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
+UI_SCREENSHOT ?= $(SYNFER_HOME)/ui-asset-graph.png
 
-.PHONY: install fixtures demo test ui bench clean-demo lock
+.PHONY: install fixtures demo test ui ui-screenshot bench clean-demo lock
 
 install: $(VENV)/.installed
 
@@ -44,6 +46,10 @@ test: fixtures
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
+
+# Expects `make ui` running (in another terminal); needs chromium on PATH. Writes $(UI_SCREENSHOT).
+ui-screenshot: install
+	$(PY) scripts/ui_screenshot.py --url http://$(UI_HOST):$(UI_PORT) --out $(UI_SCREENSHOT)
 
 bench: fixtures
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
