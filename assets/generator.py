@@ -67,6 +67,12 @@ def _finish(context, workspace: TrainingWorkspace, report, inputs: dict, base: s
     })
 
 
+def _judged_by(fer_classifiers: ArtifactRef, au_detector: ArtifactRef) -> dict:
+    """The inputs of a checkpoint's evaluation rows (the judge's classifiers, the AU detector): not of its weights,
+    but of its published figures, so ref.json and lineage.json name them as Dagster's records do."""
+    return {"fer_classifiers": fer_classifiers, "au_detector": au_detector}
+
+
 def _workspace(context, store, cfg: TrainSettings, code_version: str, *inputs) -> TrainingWorkspace:
     """This run's training workspace, keyed by code version, inputs and the settings that change the numbers (not the
     checkpoint cadence or limit, which may change on resume)."""
@@ -145,7 +151,8 @@ def diffusion_stage1(context: AssetExecutionContext, fetext: ArtifactRef, fer_cl
                               au_detector, "base")}
     rows["stage 1"] = _evaluate(context, profile, store, SynferSampler.from_pretrained(workspace.output_dir),
                                 fer_classifiers, au_detector, "stage 1")
-    return _finish(context, workspace, report, {"fetext": fetext}, base, cfg, rows)
+    return _finish(context, workspace, report, {"fetext": fetext, **_judged_by(fer_classifiers, au_detector)}, base, cfg,
+                   rows)
 
 
 @asset(io_manager_key="artifact_io", code_version=STAGE2_VERSION, group_name=GROUP, kinds={"pytorch", "diffusers"},
@@ -163,7 +170,8 @@ def diffusion_stage2(context: AssetExecutionContext, diffusion_stage1: ArtifactR
     report = _train(context, profile, workspace, "unet", cfg, shard_urls(store, fetext.uri, "fetext"), base, "stage 2")
     rows = {"stage 2": _evaluate(context, profile, store, SynferSampler.from_pretrained(workspace.output_dir),
                                  fer_classifiers, au_detector, "stage 2")}
-    return _finish(context, workspace, report, {"diffusion_stage1": diffusion_stage1, "fetext": fetext},
+    return _finish(context, workspace, report, {"diffusion_stage1": diffusion_stage1, "fetext": fetext,
+                                                **_judged_by(fer_classifiers, au_detector)},
                    diffusion_stage1.uri, cfg, rows, {"native_hr_samples": report.native_hr_samples})
 
 
@@ -183,5 +191,6 @@ def au_adapter(context: AssetExecutionContext, diffusion_stage2: ArtifactRef, fe
                     "AU adapter", adapter.to_dict())
     sampler = SynferSampler.from_pretrained(base, adapter_dir=workspace.output_dir)
     rows = {"adapter": _evaluate(context, profile, store, sampler, fer_classifiers, au_detector, "adapter")}
-    return _finish(context, workspace, report, {"diffusion_stage2": diffusion_stage2, "fetext": fetext},
+    return _finish(context, workspace, report, {"diffusion_stage2": diffusion_stage2, "fetext": fetext,
+                                                **_judged_by(fer_classifiers, au_detector)},
                    diffusion_stage2.uri, cfg, rows, {"adapter": adapter.to_dict()})

@@ -88,7 +88,10 @@ def test_checkpoint_lineage_names_the_captions_it_was_trained_on(tmp_path, sourc
     old_file = json.loads(Path(old["uri"], "lineage.json").read_text())
     assert {c["data_version"] for c in old_file["captions"].values()} == set(captions_v1.values())
     assert {c["prompt"] for c in old_file["captions"].values()} == {"Describe the face."}
-    assert old_file["fetext"]["data_version"] == old["inputs"][0]["data_version"]
+    (fetext_node,) = [n for n in old["inputs"] if n["asset"] == "fetext"]
+    assert old_file["fetext"]["data_version"] == fetext_node["data_version"]
+    # ... beside the judge's classifiers and the AU detector its evaluation rows were computed with
+    assert {n["asset"] for n in old["inputs"]} == {"fetext", "fer_classifiers", "au_detector"}
 
 
 CUSTOM_AUS = ["AU26", "AU12", "AU4", "AU1", "AU6"]  # reordered and shorter than OpenGraphAU's 41
