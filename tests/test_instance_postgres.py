@@ -9,7 +9,6 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from conftest import write_profile
 from dagster import AssetKey, DagsterInstance, materialize
 from dagster._serdes import deserialize_value, serialize_value
 from dataset_fixtures import write_unlabelled
+from test_ui_server import _free_port
 
 from assets.definitions import build_resources
 from assets.ingest import raw_faces
@@ -60,12 +60,6 @@ def _unprivileged() -> tuple[list[str], int, int] | str:
             return ["runuser", "-u", name, "--"], user.pw_uid, user.pw_gid
         return "running as root, and neither setpriv nor runuser is available to start PostgreSQL unprivileged"
     return "running as root, and no unprivileged user (postgres, nobody) to start PostgreSQL as"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
